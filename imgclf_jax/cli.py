@@ -1,0 +1,105 @@
+"""The command-line contract shared by every tool.
+
+``python -m imgclf_jax.TOOL --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR]``
+
+- ``--config`` names an ml_collections config file (required);
+- ``--config.a.b=value`` (or ``--config.a.b value``) overrides one key, parsed to
+  that key's type; unknown keys and wrong types stop with one line;
+- ``--workdir`` defaults to ``runs/NAME``;
+- a tool may declare extra flags (``--out FILE``, ``--overwrite``).
+
+User errors (:class:`imgclf_jax.errors.UserError`) are printed as one line,
+``prog: error: message``, with a non-zero exit status and no traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable
+
+import ml_collections
+
+from imgclf_jax import config as config_lib
+from imgclf_jax.errors import ConfigError, UserError
+
+
+@dataclasses.dataclass
+class Args:
+    """Parsed command line: the resolved and validated config, the workdir, the tool's extras."""
+
+    config: ml_collections.ConfigDict
+    config_path: str
+    workdir: str
+    extras: dict[str, Any]
+
+
+def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
+    """Parses `argv` (without the program name).
+
+    Args:
+      argv: command-line words.
+      flags: the tool's extra flags, name -> type (str, int, float or bool; a bool
+        flag takes no value). Missing ones are None (False for bools).
+
+    Raises:
+      ConfigError: no --config, an unknown flag or key, a value of the wrong type, or an
+        impossible value (see :func:`imgclf_jax.config.validate`).
+    """
+    flags = dict(flags or {})
+    known = ["config", "workdir", *flags]
+    config_path = workdir = None
+    overrides: list[tuple[str, str]] = []
+    extras: dict[str, Any] = {name: (False if kind is bool else None) for name, kind in flags.items()}
+    words = list(argv)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        i += 1
+        if not word.startswith("--"):
+            raise ConfigError(f"unexpected argument {word!r}; flags: --{', --'.join(known)}")
+        name, eq, value = word[2:].partition("=")
+        if flags.get(name) is bool:
+            extras[name] = (value.lower() not in ("false", "0", "no")) if eq else True
+            continue
+        if not eq:
+            if i >= len(words):
+                raise ConfigError(f"flag --{name} needs a value")
+            value = words[i]
+            i += 1
+        if name == "config":
+            config_path = value
+        elif name.startswith("config."):
+            overrides.append((name[len("config."):], value))
+        elif name == "workdir":
+            workdir = value
+        elif name in flags:
+            try:
+                extras[name] = flags[name](value)
+            except ValueError:
+                raise ConfigError(f"flag --{name} expects {flags[name].__name__}, got {value!r}") from None
+        else:
+            raise ConfigError(f"unknown flag --{name}; flags: --{', --'.join(known)}, --config.KEY=VALUE")
+    if config_path is None:
+        raise ConfigError("--config configs/NAME.py is required")
+    config = config_lib.load_config_file(config_path)
+    for key, value in overrides:
+        config_lib.apply_override(config, key, value)
+    config_lib.validate(config)
+    if workdir is None:
+        workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+    return Args(config=config, config_path=config_path, workdir=workdir, extras=extras)
+
+
+def run(main: Callable[[list[str]], int | None], prog: str) -> None:
+    """Runs ``main(sys.argv[1:])``; a UserError becomes one line on stderr and its exit code."""
+    try:
+        code = main(sys.argv[1:])
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

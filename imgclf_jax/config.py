@@ -1,0 +1,279 @@
+"""The config schema, config-file loading, ``--config.KEY=VALUE`` overrides and validation.
+
+Every config file under ``configs/`` is an ml_collections file: a module with
+``get_config() -> ml_collections.ConfigDict``. They all start from
+:func:`base_config`, so every config has every key below, with the same type;
+an override can only change the value of an existing key, with a value of that
+key's type. Derived values (number of classes, steps per epoch) are computed in
+code from the data, never stored here.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from typing import Any, Iterator
+
+import ml_collections
+
+from imgclf_jax.errors import ConfigError
+
+BUILDERS = ("competition", "folders", "digits")
+RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+PADDINGS = ("same", "valid")
+OPTIMIZERS = ("keras_adam", "adam", "adamw")
+SCHEDULES = ("constant", "exponential_decay")
+MONITORS = ("", "val_loss", "val_accuracy")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full config schema with defaults (attempt 1's recipe on the competition data).
+
+    Keys, units and meanings are documented inline; the reference configs in
+    ``configs/`` change only what their recipe changes.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # init, dropout, data order and augmentation all derive from it
+
+    c.data = ml_collections.ConfigDict()
+    # 'competition': train.csv/validation.csv[/test.csv] + one image folder per split;
+    # 'folders': one folder per class (optionally under train/ and validation/);
+    # 'digits': scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB (no download).
+    c.data.builder = "competition"
+    c.data.dir = "data/deepfake-classification-unibuc"  # the folder Kaggle's zip unpacks to
+    c.data.cache_dir = "~/.cache/imgclf_jax"  # prepared array_record files; never inside data.dir
+    c.data.image_size = 128  # pixels; images are resized to image_size x image_size
+    c.data.resize_method = "nearest"  # PIL filter; 'nearest' is Keras load_img's default
+    c.data.max_train_examples = 0  # 0 = all; else a class-balanced subset, taken before resampling
+    c.data.max_val_examples = 0  # 0 = all; else a class-balanced subset
+    c.data.val_fraction = 0.1  # fraction held out when the data has no validation split
+    c.data.split_seed = 0  # seed of that held-out split and of the subsets (not `seed`: stays fixed)
+    c.data.class_repeats = ()  # per-class repeat factor per epoch, e.g. (2, 2, 2, 2, 3); () = 1 each
+    c.data.num_workers = 0  # grain worker processes (0 = in the main process); never changes batches
+
+    c.augment = ml_collections.ConfigDict()  # Keras ImageDataGenerator-equivalent; 0 = off
+    c.augment.rotation_deg = 0.0  # rotation angle uniform in [-r, r] degrees
+    c.augment.shift_fraction = 0.0  # each shift uniform in [-s, s] x image size (fraction of size)
+    c.augment.zoom_fraction = 0.0  # two zoom factors, one per axis, each uniform in [1-z, 1+z]
+    c.augment.horizontal_flip = False  # flip with probability 0.5, after the warp
+
+    c.model = ml_collections.ConfigDict()  # one configurable branched CNN (see imgclf_jax.models)
+    c.model.conv_filters = (32, 64, 128)  # main branch, one entry per conv layer
+    c.model.conv_kernel_sizes = (3, 3, 3)  # square kernels, pixels
+    c.model.conv_paddings = ("valid", "valid", "valid")  # 'same' or 'valid', Keras semantics
+    c.model.conv_pools = (True, True, True)  # 2x2 stride-2 max pool after the conv
+    c.model.conv_dropouts = (0.0, 0.0, 0.0)  # dropout rate after the conv (and pool)
+    c.model.side_filters = 0  # side branch from the input: Conv(side_filters); 0 = no side branch
+    c.model.side_kernel_size = 3
+    c.model.side_pool_size = 16  # side branch average pool, size = stride, pixels
+    c.model.dense_units = (256,)  # hidden dense layers of the head (the output layer is added)
+    c.model.dense_dropouts = (0.0,)  # dropout rate after each hidden dense layer
+    c.model.l2 = 0.0  # Keras L2 factor l: loss += l * sum(w**2) for every conv and hidden dense kernel
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "keras_adam"  # 'keras_adam' (epsilon on the uncorrected root), 'adam' (optax), 'adamw'
+    c.optimizer.learning_rate = 1e-3  # initial learning rate
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-7  # Keras's default epsilon
+    c.optimizer.weight_decay = 0.0  # adamw only
+    c.optimizer.schedule = "constant"  # or 'exponential_decay' (Keras ExponentialDecay)
+    c.optimizer.decay_steps = 1  # optimizer updates (not epochs)
+    c.optimizer.decay_rate = 1.0  # lr = initial * rate ** (step / decay_steps); > 1 grows
+    c.optimizer.staircase = False
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 10
+    c.train.batch_size = 32  # global batch; an epoch is ceil(N / batch_size) updates
+    c.train.early_stopping = ml_collections.ConfigDict()
+    c.train.early_stopping.monitor = ""  # '' = off, 'val_loss' or 'val_accuracy' (Keras EarlyStopping)
+    c.train.early_stopping.patience = 0  # epochs without improvement before stopping
+    return c
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[str]:
+    """Yields every leaf key of `config` as a dotted path, e.g. 'train.batch_size'."""
+    for name in sorted(config.keys()):
+        value = config[name]
+        path = f"{prefix}{name}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaf_keys(value, path + ".")
+        else:
+            yield path
+
+
+def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
+    valid = list(leaf_keys(config))
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:
+    """Returns (parent dict, leaf name) for dotted `key`, or raises ConfigError naming it."""
+    parts = key.split(".")
+    node = config
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+            raise _unknown_key(key, config)
+        node = node[part]
+    if parts[-1] not in node or isinstance(node[parts[-1]], ml_collections.ConfigDict):
+        raise _unknown_key(key, config)
+    return node, parts[-1]
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _parse_value(key: str, text: str, current: Any) -> Any:
+    """Parses override `text` to the type of the key's current value."""
+    kind = type(current)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}' expects {expected}, got {text!r}")
+
+    if kind is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise bad("a bool (true/false)")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise bad("an int") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise bad("a float") from None
+    if kind is str:
+        return text
+    if kind in (tuple, list):
+        try:
+            value = ast.literal_eval(text) if text.strip() else ()
+        except (ValueError, SyntaxError):
+            # Bare words: 'same,valid' -> ('same', 'valid').
+            value = tuple(part.strip() for part in text.split(","))
+        if not isinstance(value, (tuple, list)):
+            value = (value,)
+        value = tuple(value)
+        if current:
+            elem = type(current[0])
+            if not all(type(v) is elem or (elem is float and type(v) is int) for v in value):
+                raise bad(f"a tuple of {elem.__name__}")
+            value = tuple(elem(v) for v in value)
+        return value
+    raise bad(kind.__name__)
+
+
+def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets dotted `key` of `config` from the command-line string `text`.
+
+    Raises:
+      ConfigError: unknown key (listing the valid ones) or a value of the wrong type.
+    """
+    parent, name = _lookup(config, key)
+    parent[name] = _parse_value(key, text, parent[name])
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Imports `path` and returns its ``get_config()``, checked against :func:`base_config`.
+
+    Raises:
+      ConfigError: missing file, no ``get_config``, or keys/types that differ from the schema.
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found")
+    spec = importlib.util.spec_from_file_location("_imgclf_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # a broken config file is a user error: say where.
+        raise ConfigError(f"config file '{path}' failed to load: {type(e).__name__}: {e}") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file '{path}' has no get_config()")
+    config = module.get_config()
+    check_schema(config, source=path)
+    return config
+
+
+def check_schema(config: ml_collections.ConfigDict, source: str = "config") -> None:
+    """Raises ConfigError if `config` has keys or value types other than base_config's."""
+    base = base_config()
+    have, want = set(leaf_keys(config)), set(leaf_keys(base))
+    for key in sorted(have - want):
+        raise ConfigError(f"{source}: {_unknown_key(key, base)}")
+    for key in sorted(want - have):
+        raise ConfigError(f"{source}: config key '{key}' is missing")
+    for key in sorted(want):
+        parent, name = _lookup(config, key)
+        bparent, _ = _lookup(base, key)
+        value, default = parent[name], bparent[name]
+        ok = type(value) is type(default) or (type(default) is float and type(value) is int)
+        ok = ok or (isinstance(default, (tuple, list)) and isinstance(value, (tuple, list)))
+        if not ok:
+            raise ConfigError(
+                f"{source}: config key '{key}' expects {type(default).__name__}, got {value!r}"
+            )
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values for impossible settings; raises ConfigError naming the key."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            parent, name = _lookup(config, key)
+            raise ConfigError(f"config key '{key}' must be {what}, got {parent[name]!r}")
+
+    d, a, m, o, t = config.data, config.augment, config.model, config.optimizer, config.train
+    need(d.builder in BUILDERS, "data.builder", f"one of {BUILDERS}")
+    need(d.image_size >= 1, "data.image_size", ">= 1 pixel")
+    need(d.resize_method in RESIZE_METHODS, "data.resize_method", f"one of {RESIZE_METHODS}")
+    need(d.max_train_examples >= 0, "data.max_train_examples", ">= 0 (0 = all)")
+    need(d.max_val_examples >= 0, "data.max_val_examples", ">= 0 (0 = all)")
+    need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)")
+    need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
+         "a tuple of ints >= 1")
+    need(d.num_workers >= 0, "data.num_workers", ">= 0")
+    need(a.rotation_deg >= 0, "augment.rotation_deg", ">= 0 degrees")
+    need(0 <= a.shift_fraction < 1, "augment.shift_fraction", "in [0, 1)")
+    need(0 <= a.zoom_fraction < 1, "augment.zoom_fraction", "in [0, 1)")
+    n = len(m.conv_filters)
+    for key in ("conv_kernel_sizes", "conv_paddings", "conv_pools", "conv_dropouts"):
+        need(len(m[key]) == n, f"model.{key}", f"of length {n} (one per conv_filters entry)")
+    need(n >= 1 and all(f >= 1 for f in m.conv_filters), "model.conv_filters", "ints >= 1")
+    need(all(k >= 1 for k in m.conv_kernel_sizes), "model.conv_kernel_sizes", "ints >= 1")
+    need(all(p in PADDINGS for p in m.conv_paddings), "model.conv_paddings", f"each in {PADDINGS}")
+    need(all(0 <= r < 1 for r in m.conv_dropouts), "model.conv_dropouts", "rates in [0, 1)")
+    need(len(m.dense_dropouts) == len(m.dense_units), "model.dense_dropouts",
+         f"of length {len(m.dense_units)} (one per dense_units entry)")
+    need(all(u >= 1 for u in m.dense_units), "model.dense_units", "ints >= 1")
+    need(all(0 <= r < 1 for r in m.dense_dropouts), "model.dense_dropouts", "rates in [0, 1)")
+    need(m.side_filters >= 0, "model.side_filters", ">= 0 (0 = no side branch)")
+    need(m.side_kernel_size >= 1, "model.side_kernel_size", ">= 1")
+    need(m.side_pool_size >= 1, "model.side_pool_size", ">= 1")
+    need(m.l2 >= 0, "model.l2", ">= 0")
+    need(o.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
+    need(o.learning_rate > 0, "optimizer.learning_rate", "> 0")
+    need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
+    need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
+    need(o.eps >= 0, "optimizer.eps", ">= 0")
+    need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
+    need(o.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
+    need(o.decay_steps >= 1, "optimizer.decay_steps", ">= 1 update")
+    need(o.decay_rate > 0, "optimizer.decay_rate", "> 0")
+    need(t.num_epochs >= 1, "train.num_epochs", ">= 1")
+    need(t.batch_size >= 1, "train.batch_size", ">= 1")
+    need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
+    need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")

@@ -1,0 +1,25 @@
+"""Errors that the command-line tools report in one line, without a traceback.
+
+Every error a user can cause (a mistyped config key, a missing data folder, a
+corrupt image) is raised as a subclass of :class:`UserError`; the CLIs catch
+it, print ``<tool>: error: <message>`` and exit with status 2 (config) or 1
+(data). Anything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input, reported in one line."""
+
+    exit_code = 1
+
+
+class ConfigError(UserError):
+    """A bad command line or config: unknown key, wrong type, impossible value."""
+
+    exit_code = 2
+
+
+class DataError(UserError):
+    """Bad or missing data: a missing folder or file, a malformed CSV, an unreadable image."""
+
+    exit_code = 1

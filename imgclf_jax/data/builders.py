@@ -1,0 +1,238 @@
+"""tensorflow-datasets builders, prepared once into array_record files and read back without TensorFlow.
+
+Each builder stores, per example, the decoded 8-bit RGB pixels at their
+original size (``uint8[H, W, 3]``, zlib-compressed, lossless), the image id and
+the integer label (-1 for unlabeled test rows). Shuffling is disabled, so
+record i of a split is row i of its CSV (or listing): order is kept.
+
+Preparation goes to ``<cache_dir>/<builder>-<key>/``, where the key hashes the
+builder version, the absolute data path and the scanned file list (ids,
+labels, file names, sizes, modification times): changed data is prepared
+again, unchanged data never. It is written into a temporary folder and renamed
+into place, so an interrupted or concurrent preparation never leaves a
+half-written folder that a later run would trust. The data folder itself is
+only read.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import uuid
+
+import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
+from imgclf_jax.data import scan as scan_lib
+from imgclf_jax.data.imageio import load_rgb
+from imgclf_jax.errors import ConfigError
+
+_CHUNK = 256  # images decoded at once by the preparation thread pool
+
+
+def _features() -> tfds.features.FeaturesDict:
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Tensor(shape=(None, None, 3), dtype=np.uint8, encoding="zlib"),
+            "image_id": tfds.features.Text(),
+            "label": tfds.features.Scalar(dtype=np.int64),
+        }
+    )
+
+
+class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared builder: writes a :class:`imgclf_jax.data.scan.Scan` as array_record splits.
+
+    Constructed with ``scan=None`` it can only read an already prepared folder.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, scan: scan_lib.Scan | None = None, **kwargs):
+        self._scan = scan
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.__doc__,
+            features=_features(),
+            disable_shuffling=True,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        self.info.metadata["class_names"] = list(self._scan.class_names)
+        return {
+            split: self._generate_examples(split, examples)
+            for split, examples in self._scan.splits.items()
+        }
+
+    def _load(self, example: scan_lib.Example) -> np.ndarray:
+        return load_rgb(example.path)
+
+    def _generate_examples(self, split: str, examples: list[scan_lib.Example]):
+        workers = min(8, os.cpu_count() or 1)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, tqdm(
+            total=len(examples), desc=f"preparing {split}", unit="img", leave=False
+        ) as bar:
+            for start in range(0, len(examples), _CHUNK):
+                chunk = examples[start : start + _CHUNK]
+                for offset, pixels in enumerate(pool.map(self._load, chunk)):
+                    example = chunk[offset]
+                    yield start + offset, {
+                        "image": pixels,
+                        "image_id": example.image_id,
+                        "label": example.label,
+                    }
+                bar.update(len(chunk))
+
+
+class Competition(_ImageBuilder):
+    """Kaggle competition layout: CSVs of image_id,label plus one image folder per split."""
+
+
+class ClassFolders(_ImageBuilder):
+    """One folder per class, optionally under train/ and validation/ (plus a flat test/)."""
+
+
+class Digits(_ImageBuilder):
+    """scikit-learn's bundled 8x8 handwritten digits as 32x32 RGB (bilinear upscaling)."""
+
+    SIZE = 32
+
+    def _load(self, example: scan_lib.Example) -> np.ndarray:
+        from PIL import Image
+
+        index = int(example.image_id)
+        small = Image.fromarray(self._images[index])
+        big = np.asarray(small.resize((self.SIZE, self.SIZE), Image.Resampling.BILINEAR))
+        return np.repeat(big[..., None], 3, axis=-1)
+
+    def _split_generators(self, dl_manager):
+        self._images, _ = scan_lib.digits_arrays()
+        return super()._split_generators(dl_manager)
+
+
+def scan_digits() -> scan_lib.Scan:
+    """All 1,797 digits as one 'train' split; ids are their indices ('0'..'1796')."""
+    _, labels = scan_lib.digits_arrays()
+    examples = [scan_lib.Example(str(i), int(y), "") for i, y in enumerate(labels)]
+    return scan_lib.Scan(class_names=[str(d) for d in range(10)], splits={"train": examples})
+
+
+BUILDERS = {
+    "competition": (Competition, scan_lib.scan_competition),
+    "folders": (ClassFolders, scan_lib.scan_folders),
+    "digits": (Digits, lambda root: scan_digits()),
+}
+
+
+@dataclasses.dataclass
+class PreparedSplit:
+    """One prepared split: a random-access source and its rows' ids and labels.
+
+    ``source[i]`` is ``{'image': uint8[H, W, 3], 'image_id': bytes, 'label': int64}``.
+    """
+
+    source: object
+    image_ids: list[str]
+    labels: np.ndarray  # int64[N], -1 where unlabeled
+
+
+@dataclasses.dataclass
+class PreparedDataset:
+    """A prepared dataset: where it lives, its class names and its splits."""
+
+    path: str
+    class_names: list[str]
+    splits: dict[str, PreparedSplit]
+
+
+def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
+    """Hex digest of the builder version, the absolute data path and the scanned file list."""
+    digest = hashlib.sha256()
+    digest.update(f"{builder_cls.name}:{builder_cls.VERSION}:{os.path.abspath(root)}\n".encode())
+    digest.update(json.dumps(scan.class_names).encode())
+    for split, examples in sorted(scan.splits.items()):
+        for ex in examples:
+            stat = os.stat(ex.path) if ex.path else None
+            size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (0, 0)
+            digest.update(f"{split}\0{ex.image_id}\0{ex.label}\0{ex.path}\0{size}\0{mtime}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _is_inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
+    """Scans `root`, prepares it into `cache_dir` if not already there, and opens it.
+
+    Args:
+      builder: 'competition', 'folders' or 'digits' (config key data.builder).
+      root: the data folder (config key data.dir); ignored for 'digits'.
+      cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
+
+    Raises:
+      DataError: from the scan (missing folder, malformed CSV, missing or corrupt image).
+      ConfigError: cache_dir lies inside the data folder.
+    """
+    builder_cls, scan_fn = BUILDERS[builder]
+    scan = scan_fn(root)
+    cache_dir = os.path.expanduser(cache_dir)
+    if builder != "digits" and _is_inside(cache_dir, root):
+        raise ConfigError(
+            f"config key 'data.cache_dir' ({cache_dir}) lies inside data.dir ({root}); "
+            "the data folder is never written to"
+        )
+    final = os.path.join(cache_dir, f"{builder_cls.name}-{cache_key(builder_cls, root, scan)}")
+    if not os.path.isdir(final):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            tfds.disable_progress_bar()
+            instance = builder_cls(scan=scan, data_dir=tmp, file_format="array_record")
+            instance.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+            )
+            shutil.rmtree(os.path.join(tmp, "downloads"), ignore_errors=True)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # a concurrent preparation finished first: use its result
+                if not os.path.isdir(final):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return open_prepared(builder_cls, final, scan)
+
+
+def open_prepared(builder_cls: type, path: str, scan: scan_lib.Scan) -> PreparedDataset:
+    """Opens a prepared folder with ``tfds.data_source``; ids and labels come from the scan.
+
+    Raises:
+      RuntimeError: the prepared record counts differ from the scan (a corrupt cache).
+    """
+    sources = tfds.data_source(builder_cls.name, data_dir=path, try_gcs=False)
+    class_names = builder_cls(data_dir=path).info.metadata["class_names"]
+    splits = {}
+    for split, examples in scan.splits.items():
+        source = sources[split]
+        if len(source) != len(examples):
+            raise RuntimeError(
+                f"prepared dataset '{path}' has {len(source)} {split} records, expected "
+                f"{len(examples)}; delete that folder to prepare it again"
+            )
+        splits[split] = PreparedSplit(
+            source=source,
+            image_ids=[ex.image_id for ex in examples],
+            labels=np.array([ex.label for ex in examples], dtype=np.int64),
+        )
+    return PreparedDataset(path=path, class_names=list(class_names), splits=splits)

@@ -1,0 +1,208 @@
+"""grain input pipelines: resampling, a fresh shuffle per epoch, decoding, augmentation, padded batches.
+
+Training (one grain chain, indexed by the global row position ``i``)::
+
+    MapDataset.range(num_epochs * steps_per_epoch * B)   # epoch e = i // (S*B), slot p = i % (S*B)
+      .map(locate)       # slot p < N: resampled[shuffle_e(p)]; else a padding slot
+      .map(load)         # decode the record, resize to data.image_size (PIL, data.resize_method)
+      .random_map(aug)   # Keras-equivalent warp + flip, seeded by (seed, i)
+      .map(finish)       # scale to [0, 1], label, mask
+      .batch(B)          # global batch j = e * S + step
+
+where ``resampled`` repeats each training row by its class's factor
+(``data.class_repeats``), N = len(resampled), S = steps_per_epoch = ceil(N / B),
+and ``shuffle_e`` is grain's index shuffle with a per-epoch seed. So every
+epoch is a permutation of the resampled rows, the last batch of an epoch is
+padded (mask False) rather than mixed with the next epoch, and batch j is a
+pure function of (seed, j): the same seed gives the same batches whatever the
+number of worker processes or threads, and a run can resume at any batch.
+
+A batch is a dict of numpy arrays::
+
+    image: float32[B, H, W, 3] in [0, 1]
+    label: int32[B]            (0 where padded or unlabeled)
+    mask:  bool[B]             (True for real rows)
+    row:   int32[B]            (position in the split, -1 where padded)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Iterator
+
+import grain
+import ml_collections
+import numpy as np
+
+from imgclf_jax.data.augment import AugmentParams, random_augment
+from imgclf_jax.data.imageio import resize
+from imgclf_jax.data.splits import Split
+
+PAD = -1
+
+
+def resampled_positions(labels: np.ndarray, class_repeats: tuple[int, ...]) -> np.ndarray:
+    """Each position repeated by its class's factor (() = once each), in order.
+
+    Args:
+      labels: int64[N] class labels.
+      class_repeats: factor per class, e.g. (2, 2, 2, 2, 3).
+    Returns:
+      int64[sum of factors] positions into the split.
+    """
+    positions = np.arange(len(labels), dtype=np.int64)
+    if not class_repeats:
+        return positions
+    factors = np.asarray(class_repeats, dtype=np.int64)[labels]
+    return np.repeat(positions, factors)
+
+
+def _seeds(seed: int) -> tuple[int, int]:
+    """Two independent 32-bit seeds (shuffle, augmentation) from the run seed."""
+    shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
+    return int(shuffle_seed), int(augment_seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Locate:
+    """Global row position -> (epoch, position in the split or PAD)."""
+
+    resampled: np.ndarray
+    shuffled: grain.MapDataset
+    slots_per_epoch: int
+
+    def __call__(self, index: int) -> dict:
+        epoch, slot = divmod(int(index), self.slots_per_epoch)
+        n = len(self.resampled)
+        if slot >= n:
+            return {"row": PAD}
+        return {"row": int(self.resampled[self.shuffled[epoch * n + slot]])}
+
+
+@dataclasses.dataclass(frozen=True)
+class _InOrder:
+    """Position i -> row i, or PAD past the end."""
+
+    size: int
+
+    def __call__(self, index: int) -> dict:
+        return {"row": int(index) if index < self.size else PAD}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Load:
+    """Reads a row's record, resized to ``image_size`` (uint8), or zeros for padding."""
+
+    split: Split
+    image_size: int
+    resize_method: str
+
+    def __call__(self, element: dict) -> dict:
+        row = element["row"]
+        if row == PAD:
+            image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+            label = 0
+        else:
+            record = self.split.source[int(self.split.records[row])]
+            image = resize(record["image"], self.image_size, self.resize_method)
+            label = max(int(self.split.labels[row]), 0)
+        return {"image": image, "label": label, "row": row}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augment:
+    params: AugmentParams
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        if element["row"] != PAD:
+            element = dict(element, image=random_augment(element["image"], rng, self.params))
+        return element
+
+
+def _finish(element: dict) -> dict:
+    return {
+        "image": np.asarray(element["image"], np.float32) * np.float32(1.0 / 255.0),
+        "label": np.int32(element["label"]),
+        "mask": np.bool_(element["row"] != PAD),
+        "row": np.int32(element["row"]),
+    }
+
+
+@dataclasses.dataclass
+class TrainPipeline:
+    """The training batches of a run; ``dataset[j]`` is global batch j (epoch j // steps_per_epoch)."""
+
+    dataset: grain.MapDataset
+    rows: grain.MapDataset  # global row position -> {'row': position in the split or PAD}
+    steps_per_epoch: int
+    epoch_size: int  # rows per epoch after resampling (real rows, no padding)
+    num_epochs: int
+    num_workers: int
+
+    def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict]:
+        """Iterates global batches [start_step, stop_step) with grain threads / worker processes."""
+        return iterate(self.dataset[start_step:stop_step], self.num_workers)
+
+    def epoch_rows(self, epoch: int) -> np.ndarray:
+        """int64[N]: the split positions of one epoch's real rows, in batch order (no images read)."""
+        per_epoch = len(self.rows) // self.num_epochs
+        rows = [self.rows[i]["row"] for i in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
+        return np.array([r for r in rows if r != PAD], dtype=np.int64)
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """The batches of one epoch (0-based)."""
+        s = self.steps_per_epoch
+        return self.batches(epoch * s, (epoch + 1) * s)
+
+
+def iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict]:
+    """Iterates a batched MapDataset in order; num_workers > 0 uses grain worker processes."""
+    threads = min(4, os.cpu_count() or 1)
+    it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers; we parse none
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(it)
+
+
+def train_pipeline(
+    split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None
+) -> TrainPipeline:
+    """Builds the training pipeline from a run's config (sections data, augment, train; key seed).
+
+    Args:
+      split: the training rows.
+      config: the run config.
+      num_epochs: epochs to cover (default train.num_epochs).
+    """
+    num_epochs = num_epochs or config.train.num_epochs
+    batch_size = config.train.batch_size
+    resampled = resampled_positions(split.labels, tuple(config.data.class_repeats))
+    steps = math.ceil(len(resampled) / batch_size)
+    shuffle_seed, augment_seed = _seeds(config.seed)
+    shuffled = grain.MapDataset.range(len(resampled)).shuffle(seed=shuffle_seed)
+    params = AugmentParams(**config.augment.to_dict())
+    rows = grain.MapDataset.range(num_epochs * steps * batch_size)
+    rows = rows.map(_Locate(resampled, shuffled, steps * batch_size))
+    ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
+    if params.active:
+        ds = ds.random_map(_Augment(params), seed=augment_seed)
+    ds = ds.map(_finish).batch(batch_size)
+    return TrainPipeline(ds, rows, steps, len(resampled), num_epochs, config.data.num_workers)
+
+
+def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None):
+    """Batches of `split` in order, resized as in training, no augmentation, last batch padded.
+
+    Returns a grain MapDataset of ceil(N / B) batches.
+    """
+    batch_size = batch_size or config.train.batch_size
+    steps = math.ceil(len(split) / batch_size)
+    ds = grain.MapDataset.range(steps * batch_size).map(_InOrder(len(split)))
+    ds = ds.map(_Load(split, config.data.image_size, config.data.resize_method))
+    return ds.map(_finish).batch(batch_size)

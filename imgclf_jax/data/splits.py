@@ -1,0 +1,136 @@
+"""The explicit row lists a run trains, validates and predicts on.
+
+Each split of a run is an explicit, sorted list of record indices into one
+prepared source; the training list and the validation list never share a
+record (when the data has no validation split, both are drawn from the same
+source by a stratified split on disjoint indices). Subsets
+(``data.max_train_examples``, ``data.max_val_examples``) are class-balanced and
+taken before resampling. Everything here is seeded by ``data.split_seed``, not
+by ``seed``, so runs with different seeds see the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from imgclf_jax.data.builders import PreparedDataset, prepare
+from imgclf_jax.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Split:
+    """Rows of one split: ``source[records[i]]`` is row i, with ``labels[i]`` and ``image_ids[i]``.
+
+    records: int64[N] indices into `source`, increasing (file / CSV order kept).
+    labels: int64[N], -1 where unlabeled.
+    """
+
+    source: object
+    records: np.ndarray
+    labels: np.ndarray
+    image_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def subset(self, positions: np.ndarray) -> "Split":
+        positions = np.sort(np.asarray(positions, dtype=np.int64))
+        return Split(
+            source=self.source,
+            records=self.records[positions],
+            labels=self.labels[positions],
+            image_ids=[self.image_ids[p] for p in positions],
+        )
+
+
+@dataclasses.dataclass
+class RunData:
+    """The data of a run: class names and the train, validation and (optional) test splits."""
+
+    class_names: list[str]
+    train: Split
+    validation: Split
+    test: Split | None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def balanced_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Positions of a class-balanced subset of `size` rows (round-robin over classes).
+
+    Each class contributes in turn a randomly chosen row (seeded) until `size`
+    rows are taken, so class counts differ by at most one unless a class runs
+    out. Returns sorted int64 positions; all positions if size >= len(labels).
+    """
+    if size >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    taken: list[int] = []
+    depth = 0
+    while len(taken) < size:
+        for rows in per_class:
+            if depth < len(rows) and len(taken) < size:
+                taken.append(int(rows[depth]))
+        depth += 1
+    return np.sort(np.array(taken, dtype=np.int64))
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint sorted (train, validation) positions, stratified by label (scikit-learn)."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(labels))
+    train, val = train_test_split(
+        positions, test_size=val_fraction, stratify=labels, random_state=seed
+    )
+    return np.sort(train), np.sort(val)
+
+
+def _whole(prepared: PreparedDataset, name: str) -> Split:
+    split = prepared.splits[name]
+    return Split(
+        source=split.source,
+        records=np.arange(len(split.labels), dtype=np.int64),
+        labels=split.labels,
+        image_ids=list(split.image_ids),
+    )
+
+
+def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) -> RunData:
+    """Builds the run's splits from a prepared dataset and the ``data`` config section.
+
+    Raises:
+      ConfigError: data.class_repeats has a length other than the number of classes.
+    """
+    train = _whole(prepared, "train")
+    if "validation" in prepared.splits:
+        validation = _whole(prepared, "validation")
+    else:
+        train_pos, val_pos = stratified_split(train.labels, data.val_fraction, data.split_seed)
+        train, validation = train.subset(train_pos), train.subset(val_pos)
+    if data.max_train_examples:
+        train = train.subset(balanced_subset(train.labels, data.max_train_examples, data.split_seed))
+    if data.max_val_examples:
+        validation = validation.subset(
+            balanced_subset(validation.labels, data.max_val_examples, data.split_seed)
+        )
+    test = _whole(prepared, "test") if "test" in prepared.splits else None
+    num_classes = len(prepared.class_names)
+    if data.class_repeats and len(data.class_repeats) != num_classes:
+        raise ConfigError(
+            f"config key 'data.class_repeats' has {len(data.class_repeats)} entries but the data "
+            f"has {num_classes} classes"
+        )
+    return RunData(class_names=prepared.class_names, train=train, validation=validation, test=test)
+
+
+def load_run_data(data: ml_collections.ConfigDict) -> RunData:
+    """Prepares (once) and opens the dataset named by the ``data`` config section."""
+    prepared = prepare(data.builder, data.dir, data.cache_dir)
+    return make_run_data(prepared, data)

@@ -1,0 +1,128 @@
+"""The config files and the CLI contract: overrides, typed keys, one-line errors."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from imgclf_jax import cli, config as config_lib
+from imgclf_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ["ml1", "ml2", "ml4", "ml5", "ml6", "digits"]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_loads_validates_and_documents_itself(name):
+    path = ROOT / "configs" / f"{name}.py"
+    args = cli.parse_args(["--config", str(path)])
+    assert args.workdir == f"runs/{name}"
+    text = path.read_text()
+    assert text.startswith('"""') and "python -m imgclf_jax.train --config configs/" in text
+    for key in ("data.dir", "data.cache_dir", "data.max_train_examples", "data.max_val_examples",
+                "train.num_epochs", "train.batch_size", "seed"):
+        assert key in set(config_lib.leaf_keys(args.config))
+
+
+def test_reference_recipes():
+    ml4 = cli.parse_args(["--config", str(ROOT / "configs/ml4.py")]).config
+    assert ml4.data.class_repeats == (2, 2, 2, 2, 3)
+    assert ml4.optimizer.decay_rate == 1.5 and ml4.optimizer.decay_steps == 10000
+    ml6 = cli.parse_args(["--config", str(ROOT / "configs/ml6.py")]).config
+    assert ml6.data.class_repeats == (2, 2, 2, 2, 2)
+    assert (ml6.augment.rotation_deg, ml6.augment.shift_fraction, ml6.augment.zoom_fraction) == (20, 0.2, 0.3)
+    assert ml6.model.conv_filters == (32, 70, 160) and ml6.model.side_kernel_size == 5
+    for name in ("ml1", "ml2", "ml4", "ml5", "ml6"):
+        c = cli.parse_args(["--config", str(ROOT / f"configs/{name}.py")]).config
+        assert c.data.resize_method == "nearest" and c.data.image_size == 128
+        assert c.train.batch_size == 32 and c.optimizer.eps == 1e-7 and c.optimizer.name == "keras_adam"
+
+
+def test_overrides_are_typed_and_both_forms_work():
+    args = cli.parse_args([
+        "--config", str(ROOT / "configs/ml6.py"),
+        "--config.train.batch_size=8", "--config.optimizer.learning_rate", "2e-4",
+        "--config.augment.horizontal_flip=false", "--config.data.class_repeats=(1,1,1,1,4)",
+        "--config.model.conv_paddings=same,valid,same", "--config.model.conv_dropouts=(0, 0.5, 0)",
+        "--workdir", "/tmp/x",
+    ])
+    c = args.config
+    assert c.train.batch_size == 8 and c.optimizer.learning_rate == 2e-4
+    assert c.augment.horizontal_flip is False
+    assert c.data.class_repeats == (1, 1, 1, 1, 4)
+    assert c.model.conv_paddings == ("same", "valid", "same")
+    assert c.model.conv_dropouts == (0.0, 0.5, 0.0) and type(c.model.conv_dropouts[0]) is float
+    assert args.workdir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.train.batchsize=3", "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
+    ("--config.nothing=3", "unknown config key 'nothing'"),
+    ("--config.train=3", "unknown config key 'train'"),
+    ("--config.train.batch_size=abc", "config key 'train.batch_size' expects an int, got 'abc'"),
+    ("--config.train.batch_size=3.5", "expects an int"),
+    ("--config.augment.horizontal_flip=maybe", "expects a bool"),
+    ("--config.data.class_repeats=(1,2.5)", "'data.class_repeats' must be a tuple of ints >= 1"),
+    ("--config.model.conv_paddings=(1,2,3)", "'model.conv_paddings' expects a tuple of str"),
+    ("--config.train.batch_size=0", "config key 'train.batch_size' must be >= 1, got 0"),
+    ("--config.model.conv_dropouts=(0,1.0,0)", "'model.conv_dropouts' must be rates in [0, 1)"),
+    ("--config.model.conv_filters=(8,8)", "'model.conv_kernel_sizes' must be of length 2"),
+    ("--config.data.image_size=0", "'data.image_size' must be >= 1 pixel"),
+    ("--config.optimizer.decay_steps=0", "'optimizer.decay_steps' must be >= 1 update"),
+    ("--config.train.early_stopping.patience=-1", "'train.early_stopping.patience' must be >= 0"),
+    ("--config.data.builder=csv", "'data.builder' must be one of"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), override])
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.data.dri=x"])
+    text = str(info.value)
+    assert "valid keys:" in text
+    for key in config_lib.leaf_keys(config_lib.base_config()):
+        assert key in text
+
+
+def test_bad_command_lines():
+    with pytest.raises(ConfigError, match="--config configs/NAME.py is required"):
+        cli.parse_args([])
+    with pytest.raises(ConfigError, match="config file 'nope.py' not found"):
+        cli.parse_args(["--config", "nope.py"])
+    with pytest.raises(ConfigError, match="unknown flag --outt"):
+        cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--outt", "x"], {"out": str})
+
+
+def test_config_file_with_foreign_key_is_rejected(tmp_path):
+    path = tmp_path / "bad.py"
+    path.write_text(
+        "from imgclf_jax.config import base_config\n"
+        "def get_config():\n    c = base_config()\n    c.train.epochs = 3\n    return c\n"
+    )
+    with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
+        cli.parse_args(["--config", str(path)])
+
+
+def run_tool(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", *argv], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path):
+    done = run_tool("imgclf_jax.preview", "--config", "configs/ml6.py", "--config.train.batchsize=3")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert lines[0].startswith("imgclf_jax.preview: error: unknown config key 'train.batchsize'")
+
+    done = run_tool("imgclf_jax.preview", "--config", "configs/ml1.py",
+                    f"--config.data.dir={tmp_path / 'absent'}", f"--config.data.cache_dir={tmp_path / 'c'}")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr
+    assert "not found" in lines[0] and "Kaggle" in lines[0]
+    assert "deepfake-classification-unibuc" in lines[0] and "configs/digits.py needs no download" in lines[0]

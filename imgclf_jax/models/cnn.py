@@ -1,0 +1,265 @@
+"""The branched CNN of the reference attempts, as one configurable Flax linen module.
+
+Source: ``../shared/seed-attempts.md`` (attempts 1, 2, 4, 5 and 6; configs
+``configs/ml1.py`` ... ``ml6.py``). Every Keras model there is an instance of
+one shape:
+
+- main branch, per conv layer ``i``: ``Conv(conv_filters[i], k x k, stride 1,
+  padding 'same'|'valid')`` -> ReLU -> [MaxPool 2x2 stride 2, 'valid'] ->
+  [Dropout(conv_dropouts[i])]; then Flatten (row-major H, W, C, as Keras's
+  ``Flatten`` on channels-last data);
+- optional side branch from the input (``side_filters > 0``):
+  ``Conv(side_filters, side_kernel_size, 'same')`` -> ReLU ->
+  ``AveragePool(side_pool_size, stride side_pool_size, 'valid')`` -> Flatten,
+  concatenated after the main branch: ``[main, side]``;
+- head: per ``dense_units[i]``: Dense -> ReLU -> [Dropout(dense_dropouts[i])];
+  then ``Dense(num_classes)`` named ``logits``. The module returns logits: the
+  Keras models' final softmax lives in the loss
+  (:func:`imgclf_jax.optim.softmax_cross_entropy`).
+
+Keras semantics kept: kernels start glorot-uniform and biases zero (Keras's
+defaults; Flax's are lecun-normal); ``'SAME'``/``'VALID'`` padding is XLA's, which
+is TensorFlow's; dropout is inverted (scaled by 1 / (1 - rate)) and active only
+with ``train=True``. For conv kernels (HWIO) glorot's fans include the receptive
+field, fan_in = k*k*C_in and fan_out = k*k*C_out, exactly as Keras computes them
+(``jax.nn.initializers.variance_scaling`` with in_axis=-2, out_axis=-1 treats the
+other axes as the receptive field), so the limit is sqrt(6 / (fan_in + fan_out)).
+
+Layer names are stable: ``conv_0``, ``conv_1``, ..., ``side_conv``, ``dense_0``,
+..., ``logits``. L2 (:func:`l2_penalty`) applies to every kernel but ``logits``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imgclf_jax.errors import ConfigError
+
+LOGITS = "logits"  # the output layer's name; the one kernel without L2
+
+_KERNEL_INIT = nn.initializers.glorot_uniform()  # Keras 'glorot_uniform'
+_BIAS_INIT = nn.initializers.zeros  # Keras 'zeros'
+
+
+class BranchedCNN(nn.Module):
+    """The reference CNN: main conv branch, optional pooled side branch, dense head; returns logits.
+
+    Attributes (one entry per main-branch conv layer in the ``conv_*`` tuples):
+      num_classes: width of the output layer.
+      conv_filters: output channels of each conv.
+      conv_kernel_sizes: square kernel size of each conv, pixels.
+      conv_paddings: 'SAME' or 'VALID' (case-insensitive), Keras semantics.
+      conv_pools: whether a 2x2 stride-2 'valid' max pool follows the conv.
+      conv_dropouts: dropout rate after the conv (and pool); 0 = no dropout layer.
+      side_filters: channels of the side branch's conv; 0 = no side branch.
+      side_kernel_size: the side conv's square kernel size ('SAME' padding).
+      side_pool_size: the side branch's average pool size and stride ('valid').
+      dense_units: widths of the hidden dense layers of the head.
+      dense_dropouts: dropout rate after each hidden dense layer; 0 = none.
+    """
+
+    num_classes: int
+    conv_filters: Sequence[int] = (32, 64, 128)
+    conv_kernel_sizes: Sequence[int] = (3, 3, 3)
+    conv_paddings: Sequence[str] = ("VALID", "VALID", "VALID")
+    conv_pools: Sequence[bool] = (True, True, True)
+    conv_dropouts: Sequence[float] = (0.0, 0.0, 0.0)
+    side_filters: int = 0
+    side_kernel_size: int = 3
+    side_pool_size: int = 16
+    dense_units: Sequence[int] = (256,)
+    dense_dropouts: Sequence[float] = (0.0,)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        """Maps images to class logits.
+
+        Args:
+          images: float32[B, H, W, 3], pixel values scaled to [0, 1].
+          train: enables dropout, which then draws from the 'dropout' rng collection
+            (``model.apply(variables, x, train=True, rngs={'dropout': key})``).
+
+        Returns:
+          float32[B, num_classes] logits (no softmax).
+        """
+        images = jnp.asarray(images, jnp.float32)
+        x = images
+        layers = zip(self.conv_filters, self.conv_kernel_sizes, self.conv_paddings,
+                     self.conv_pools, self.conv_dropouts)
+        for i, (filters, kernel, padding, pool, rate) in enumerate(layers):
+            x = nn.Conv(filters, (kernel, kernel), strides=(1, 1), padding=padding.upper(),
+                        kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"conv_{i}")(x)
+            x = nn.relu(x)
+            if pool:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+            if rate > 0:
+                x = nn.Dropout(rate, name=f"conv_dropout_{i}")(x, deterministic=not train)
+        x = x.reshape((x.shape[0], -1))  # row-major (H, W, C), as Keras's Flatten
+
+        if self.side_filters > 0:
+            k, p = self.side_kernel_size, self.side_pool_size
+            s = nn.Conv(self.side_filters, (k, k), strides=(1, 1), padding="SAME",
+                        kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name="side_conv")(images)
+            s = nn.relu(s)
+            s = nn.avg_pool(s, (p, p), strides=(p, p), padding="VALID")
+            x = jnp.concatenate([x, s.reshape((s.shape[0], -1))], axis=-1)
+
+        for i, (units, rate) in enumerate(zip(self.dense_units, self.dense_dropouts)):
+            x = nn.Dense(units, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"dense_{i}")(x)
+            x = nn.relu(x)
+            if rate > 0:
+                x = nn.Dropout(rate, name=f"dense_dropout_{i}")(x, deterministic=not train)
+        return nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT,
+                        name=LOGITS)(x)
+
+
+def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
+    """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes."""
+    m = model_config
+    return BranchedCNN(
+        num_classes=int(num_classes),
+        conv_filters=tuple(int(f) for f in m.conv_filters),
+        conv_kernel_sizes=tuple(int(k) for k in m.conv_kernel_sizes),
+        conv_paddings=tuple(str(p).upper() for p in m.conv_paddings),
+        conv_pools=tuple(bool(p) for p in m.conv_pools),
+        conv_dropouts=tuple(float(r) for r in m.conv_dropouts),
+        side_filters=int(m.side_filters),
+        side_kernel_size=int(m.side_kernel_size),
+        side_pool_size=int(m.side_pool_size),
+        dense_units=tuple(int(u) for u in m.dense_units),
+        dense_dropouts=tuple(float(r) for r in m.dense_dropouts),
+    )
+
+
+# --------------------------------------------------------------------------- L2
+
+
+def _params_dict(params: Any) -> Any:
+    """Accepts either the variables ``{'params': {...}}`` or the params tree itself."""
+    if hasattr(params, "keys") and set(params.keys()) == {"params"}:
+        return params["params"]
+    return params
+
+
+def regularized_kernels(params: Any) -> dict[str, jax.Array]:
+    """The kernels Keras's ``kernel_regularizer=l2(l)`` covers: every conv and hidden dense, by layer name.
+
+    Args:
+      params: the model's params tree (or its variables ``{'params': ...}``).
+
+    Returns:
+      ``{layer name: kernel}`` for every layer with a kernel except ``logits``.
+    """
+    return {name: layer["kernel"] for name, layer in _params_dict(params).items()
+            if name != LOGITS and "kernel" in layer}
+
+
+def l2_penalty(params: Any, l2: float) -> jax.Array:
+    """Keras's L2 kernel regularization: ``l2 * sum(w**2)`` over :func:`regularized_kernels`.
+
+    Biases and the output layer (``logits``) are not regularized, as in the
+    reference attempts 5 and 6 (``../shared/seed-attempts.md``).
+
+    Args:
+      params: the model's params tree (or its variables ``{'params': ...}``).
+      l2: the factor l; a Python number (0 skips the sum) or a traced scalar.
+
+    Returns:
+      float32[] scalar, to add to the loss (0 when ``l2 == 0``).
+    """
+    if isinstance(l2, (int, float)) and l2 == 0:
+        return jnp.zeros((), jnp.float32)
+    total = sum(jnp.sum(jnp.square(k.astype(jnp.float32)))
+                for k in regularized_kernels(params).values())
+    return jnp.asarray(l2, jnp.float32) * total
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of the model, computed analytically from the config.
+
+    Attributes:
+      name: the param-tree name for layers with parameters (``conv_0``, ``logits``),
+        else a descriptive one (``pool_0``, ``flatten``).
+      kind: 'conv', 'max_pool', 'dropout', 'flatten', 'avg_pool', 'concat' or 'dense'.
+      output_shape: per-image output shape, (H, W, C) or (N,).
+      params: number of parameters (kernel + bias).
+      macs: multiply-accumulates per image (convs and dense layers only; 0 otherwise).
+      branch: 'main', 'side' or 'head'.
+    """
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    branch: str
+
+
+def layer_specs(model_config: Any, image_size: int, num_classes: int) -> list[LayerSpec]:
+    """The layers of ``create_model(model_config, num_classes)`` on image_size x image_size x 3 images.
+
+    Conv outputs: 'same' keeps the size, 'valid' gives size - k + 1; max pool
+    2x2/2 gives size // 2; average pool p/p gives size // p. ReLU is folded into
+    its conv or dense row.
+
+    Raises:
+      ConfigError: a layer would shrink the image below one pixel.
+    """
+    m = model_config
+    rows: list[LayerSpec] = []
+    h = w = int(image_size)
+    c = 3
+
+    def check(size: int, what: str, key: str) -> None:
+        if size < 1:
+            raise ConfigError(
+                f"model: {what} leaves no pixels of a {image_size}x{image_size} image; "
+                f"change model.{key} or data.image_size")
+
+    for i, (f, k, pad, pool, rate) in enumerate(zip(m.conv_filters, m.conv_kernel_sizes,
+                                                    m.conv_paddings, m.conv_pools, m.conv_dropouts)):
+        if str(pad).lower() == "valid":
+            h, w = h - k + 1, w - k + 1
+        check(h, f"conv_{i} ({k}x{k} valid)", "conv_paddings")
+        rows.append(LayerSpec(f"conv_{i}", "conv", (h, w, f), k * k * c * f + f,
+                              h * w * k * k * c * f, "main"))
+        c = f
+        if pool:
+            h, w = h // 2, w // 2
+            check(h, f"the max pool after conv_{i}", "conv_pools")
+            rows.append(LayerSpec(f"pool_{i}", "max_pool", (h, w, c), 0, 0, "main"))
+        if rate > 0:
+            rows.append(LayerSpec(f"conv_dropout_{i}", "dropout", (h, w, c), 0, 0, "main"))
+    features = h * w * c
+    rows.append(LayerSpec("flatten", "flatten", (features,), 0, 0, "main"))
+
+    if m.side_filters > 0:
+        k, p, f = m.side_kernel_size, m.side_pool_size, m.side_filters
+        s = int(image_size)
+        rows.append(LayerSpec("side_conv", "conv", (s, s, f), k * k * 3 * f + f,
+                              s * s * k * k * 3 * f, "side"))
+        s //= p
+        check(s, f"the side branch's {p}x{p} average pool", "side_pool_size")
+        rows.append(LayerSpec("side_pool", "avg_pool", (s, s, f), 0, 0, "side"))
+        rows.append(LayerSpec("side_flatten", "flatten", (s * s * f,), 0, 0, "side"))
+        features += s * s * f
+        rows.append(LayerSpec("concat", "concat", (features,), 0, 0, "head"))
+
+    for i, (units, rate) in enumerate(zip(m.dense_units, m.dense_dropouts)):
+        rows.append(LayerSpec(f"dense_{i}", "dense", (units,), features * units + units,
+                              features * units, "head"))
+        features = units
+        if rate > 0:
+            rows.append(LayerSpec(f"dense_dropout_{i}", "dropout", (units,), 0, 0, "head"))
+    rows.append(LayerSpec(LOGITS, "dense", (num_classes,), features * num_classes + num_classes,
+                          features * num_classes, "head"))
+    return rows

@@ -1,0 +1,120 @@
+"""Print a config's model: a layer table, the parameter count and the forward FLOPs per image.
+
+Usage::
+
+  python -m imgclf_jax.summary --config configs/ml6.py [--num_classes 5] [--config.KEY=VALUE ...]
+
+The number of classes comes from the data at training time and is not in the
+config; here it is ``--num_classes`` (default 10 for ``data.builder='digits'``,
+else 5, the reference competition). The input is ``data.image_size`` squared,
+RGB. Nothing is initialized or run: shapes come from ``jax.eval_shape``, so
+even the 70M-parameter models print in seconds on a CPU.
+
+Prints the table (layer, branch, per-image output shape, parameters, forward
+MFLOPs) and, as the last line, one JSON object::
+
+  {"num_params": N, "flops_per_image": F, "flops_convention": "..."}
+
+FLOPs are counted analytically (:func:`count_flops`): 2 per multiply-add of the
+conv and dense layers; bias adds, ReLU, pooling, dropout and concatenation are
+not counted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from imgclf_jax import cli
+from imgclf_jax.errors import ConfigError
+from imgclf_jax.models import cnn
+
+FLOPS_CONVENTION = (
+    "forward pass, one image: 2 FLOPs per multiply-add of the conv and dense layers; "
+    "bias adds, ReLU, pooling, dropout and concatenation not counted"
+)
+
+
+def count_flops(model_config: Any, image_size: int, num_classes: int) -> int:
+    """Forward FLOPs per image of ``create_model(model_config, num_classes)`` on image_size^2 x 3 input.
+
+    2 FLOPs per multiply-add: a conv with output H x W x C_out and a k x k x C_in
+    kernel counts 2 * H * W * k * k * C_in * C_out; a dense layer N -> M counts
+    2 * N * M. Everything else counts 0 (see :data:`FLOPS_CONVENTION`).
+    """
+    return 2 * sum(row.macs for row in cnn.layer_specs(model_config, image_size, num_classes))
+
+
+def param_counts(model: cnn.BranchedCNN, image_size: int) -> dict[str, int]:
+    """``{layer name: parameter count}`` of the real module, from ``jax.eval_shape`` (no init)."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(layer))
+            for name, layer in variables["params"].items()}
+
+
+def output_shape(model: cnn.BranchedCNN, image_size: int, batch: int = 1) -> tuple[int, ...]:
+    """The real module's logits shape on ``float32[batch, image_size, image_size, 3]``."""
+    images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
+
+    def forward(key, x):
+        variables = model.init(key, x, train=False)
+        return model.apply(variables, x, train=False)
+
+    return tuple(jax.eval_shape(forward, jax.random.key(0), images).shape)
+
+
+def format_table(rows: list[cnn.LayerSpec]) -> str:
+    """A plain-text table of `rows`: layer, branch, output shape, params, forward MFLOPs."""
+    header = ("layer", "branch", "output shape", "params", "MFLOPs")
+    body = [(r.name, r.branch, "x".join(str(d) for d in r.output_shape),
+             f"{r.params:,}" if r.params else "-", f"{2 * r.macs / 1e6:,.2f}" if r.macs else "-")
+            for r in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    align = ["<", "<", ">", ">", ">"]
+
+    def fmt(line):
+        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(line, align, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in body), rule])
+
+
+def main(argv: list[str]) -> int:
+    args = cli.parse_args(argv, {"num_classes": int})
+    config = args.config
+    num_classes = args.extras["num_classes"]
+    if num_classes is None:
+        num_classes = 10 if config.data.builder == "digits" else 5
+    if num_classes < 1:
+        raise ConfigError(f"flag --num_classes must be >= 1, got {num_classes}")
+    size = config.data.image_size
+    rows = cnn.layer_specs(config.model, size, num_classes)
+    model = cnn.create_model(config.model, num_classes)
+
+    # The table is analytic; check it against the real module so it cannot drift.
+    real = param_counts(model, size)
+    analytic = {r.name: r.params for r in rows if r.params}
+    if real != analytic:
+        raise RuntimeError(f"layer_specs disagrees with the module: {analytic} != {real}")
+    logits = output_shape(model, size)
+    if logits != (1, num_classes):
+        raise RuntimeError(f"unexpected logits shape {logits}")
+
+    num_params = sum(real.values())
+    flops = count_flops(config.model, size, num_classes)
+    print(f"{args.config_path}: input {size}x{size}x3, {num_classes} classes, logits {list(logits)}")
+    print(format_table(rows))
+    print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward)")
+    print(json.dumps({"num_params": num_params, "flops_per_image": flops,
+                      "flops_convention": FLOPS_CONVENTION}))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, "imgclf_jax.summary")

@@ -1,0 +1,99 @@
+"""What a run leaves in its workdir for people: JSON records, curves, a confusion matrix, a submission.
+
+- ``history.json``: a list with one dict per epoch (``epoch`` 1-based, ``train_loss``,
+  ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``, ``seconds``);
+- ``accuracy.png``, ``loss.png``: train and validation per epoch;
+- ``confusion_matrix.json`` / ``.png``: counts, rows = true class, columns = predicted;
+- ``submission.csv``: ``image_id,label`` in test order (Kaggle format).
+
+JSON files are written to a temporary name and renamed, so a reader (or a
+killed run) never sees half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON, atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """``int64[K, K]`` counts; row = true class, column = predicted class; every class present."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predictions), 1)
+    return matrix
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict], workdir: str) -> None:
+    """Writes accuracy.png and loss.png (train vs validation per epoch)."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    for metric, name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, name), dpi=100)
+        plt.close(fig)
+
+
+def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str) -> None:
+    """Writes confusion_matrix.json (counts) and confusion_matrix.png."""
+    write_json(os.path.join(workdir, "confusion_matrix.json"), {
+        "class_names": class_names,
+        "rows": "true class",
+        "columns": "predicted class",
+        "counts": matrix.tolist(),
+    })
+    plt = _pyplot()
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
+    ax.imshow(matrix, cmap="Blues")
+    for i in range(k):
+        for j in range(k):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(k), class_names)
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "confusion_matrix.png"), dpi=100)
+    plt.close(fig)
+
+
+def write_submission(path: str, image_ids: list[str], predictions: np.ndarray) -> None:
+    """Writes ``image_id,label`` rows (ids without extension, integer labels, no index column)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_id", "label"])
+        for image_id, label in zip(image_ids, predictions):
+            writer.writerow([image_id, int(label)])
+    os.replace(tmp, path)

@@ -75,6 +75,15 @@ class RunCheckpoints:
                                         metadata=ocp.args.JsonSave(metadata)),
             )
 
+    def result_metadata(self) -> dict:
+        """The result checkpoint's metadata alone (class names, number of classes, config)."""
+        if not os.path.isdir(self.result_dir):
+            raise FileNotFoundError(f"no result checkpoint in '{self.result_dir}'")
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(
+                self.result_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+        return restored["metadata"]
+
     def restore_result(self, abstract_params: Any) -> tuple[Any, dict]:
         """Restores (params, metadata) of the result checkpoint.
 

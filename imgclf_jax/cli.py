@@ -35,52 +35,65 @@ class Args:
     extras: dict[str, Any]
 
 
-def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
-    """Parses `argv` (without the program name).
+def parse_flags(argv: list[str], flags: dict[str, type], config_overrides: bool = True
+                ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Parses ``--name value`` / ``--name=value`` words into typed values.
 
     Args:
-      argv: command-line words.
-      flags: the tool's extra flags, name -> type (str, int, float or bool; a bool
-        flag takes no value). Missing ones are None (False for bools).
+      argv: command-line words (without the program name).
+      flags: name -> type (str, int, float or bool; a bool flag takes no value).
+      config_overrides: accept ``--config.KEY=VALUE`` words, returned in order.
+
+    Returns:
+      (values: every flag, None (False for bools) when absent; overrides: (KEY, VALUE) pairs).
 
     Raises:
-      ConfigError: no --config, an unknown flag or key, a value of the wrong type, or an
-        impossible value (see :func:`imgclf_jax.config.validate`).
+      ConfigError: a positional argument, an unknown flag, a missing value or a wrong type.
     """
-    flags = dict(flags or {})
-    known = ["config", "workdir", *flags]
-    config_path = workdir = None
+    values: dict[str, Any] = {name: (False if kind is bool else None) for name, kind in flags.items()}
     overrides: list[tuple[str, str]] = []
-    extras: dict[str, Any] = {name: (False if kind is bool else None) for name, kind in flags.items()}
+    listing = "--" + ", --".join(flags) + (", --config.KEY=VALUE" if config_overrides else "")
     words = list(argv)
     i = 0
     while i < len(words):
         word = words[i]
         i += 1
         if not word.startswith("--"):
-            raise ConfigError(f"unexpected argument {word!r}; flags: --{', --'.join(known)}")
+            raise ConfigError(f"unexpected argument {word!r}; flags: {listing}")
         name, eq, value = word[2:].partition("=")
         if flags.get(name) is bool:
-            extras[name] = (value.lower() not in ("false", "0", "no")) if eq else True
+            values[name] = (value.lower() not in ("false", "0", "no")) if eq else True
             continue
+        if name not in flags and not (config_overrides and name.startswith("config.")):
+            raise ConfigError(f"unknown flag --{name}; flags: {listing}")
         if not eq:
-            if i >= len(words):
+            if i >= len(words) or words[i].startswith("--"):
                 raise ConfigError(f"flag --{name} needs a value")
             value = words[i]
             i += 1
-        if name == "config":
-            config_path = value
-        elif name.startswith("config."):
-            overrides.append((name[len("config."):], value))
-        elif name == "workdir":
-            workdir = value
-        elif name in flags:
+        if name in flags:
             try:
-                extras[name] = flags[name](value)
+                values[name] = flags[name](value)
             except ValueError:
                 raise ConfigError(f"flag --{name} expects {flags[name].__name__}, got {value!r}") from None
         else:
-            raise ConfigError(f"unknown flag --{name}; flags: --{', --'.join(known)}, --config.KEY=VALUE")
+            overrides.append((name[len("config."):], value))
+    return values, overrides
+
+
+def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
+    """Parses a tool's command line: --config, --config.KEY=VALUE overrides, --workdir, `flags`.
+
+    Args:
+      argv: command-line words (without the program name).
+      flags: the tool's extra flags, name -> type (see :func:`parse_flags`).
+
+    Raises:
+      ConfigError: no --config, an unknown flag or key, a value of the wrong type, or an
+        impossible value (see :func:`imgclf_jax.config.validate`).
+    """
+    values, overrides = parse_flags(argv, {"config": str, "workdir": str, **(flags or {})})
+    config_path, workdir = values.pop("config"), values.pop("workdir")
     if config_path is None:
         raise ConfigError("--config configs/NAME.py is required")
     config = config_lib.load_config_file(config_path)
@@ -89,7 +102,7 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
     config_lib.validate(config)
     if workdir is None:
         workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
-    return Args(config=config, config_path=config_path, workdir=workdir, extras=extras)
+    return Args(config=config, config_path=config_path, workdir=workdir, extras=values)
 
 
 def run(main: Callable[[list[str]], int | None], prog: str) -> None:

@@ -1,0 +1,119 @@
+"""Predict with a finished run: ``python -m imgclf_jax.predict --workdir DIR --images PATH --out FILE``.
+
+`PATH` is either a folder of images (ids = file names without extension,
+sorted) or a CSV with an ``image_id`` column plus ``--image_dir DIR`` (default:
+the folder beside the CSV named after it, e.g. ``test.csv`` -> ``test/``), whose
+row order the output keeps. Writes ``image_id,label`` (Kaggle submission
+format) with the run's result weights.
+
+Images are read exactly as training's evaluation reads them (Pillow to 8-bit
+RGB, resize to ``data.image_size`` with ``data.resize_method``, scale to
+[0, 1], no augmentation), through the same eval pipeline and eval step, so
+predicting the validation folder reproduces the run's validation accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from imgclf_jax import cli
+from imgclf_jax.data import scan as scan_lib
+from imgclf_jax.data.imageio import image_extensions, load_rgb
+from imgclf_jax.data.splits import Split
+from imgclf_jax.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+    """A random-access source over image files: ``source[i] = {'image': uint8[H, W, 3]}``."""
+
+    paths: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": load_rgb(self.paths[index])}
+
+
+def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str]]:
+    """(ids, paths) of the images to predict: a folder's images sorted by id, or a CSV's rows in order.
+
+    Raises:
+      DataError: missing folder or CSV, malformed CSV, an id without an image file.
+    """
+    exts = image_extensions()
+    if os.path.isdir(images):
+        files = scan_lib._index_folder(images, exts)
+        if not files:
+            raise DataError(f"folder '{images}' holds no images")
+        ids = sorted(files)
+        return ids, [files[i] for i in ids]
+    if not os.path.isfile(images):
+        raise DataError(f"--images '{images}' is neither a folder nor a CSV file")
+    rows = scan_lib.read_csv(images, need_label=False)
+    folder = image_dir or os.path.splitext(images)[0]
+    files = scan_lib._index_folder(folder, exts)
+    ids, paths = [], []
+    for line, image_id, _ in rows:
+        image_id = scan_lib._strip_image_ext(image_id, exts)
+        if image_id not in files:
+            raise DataError(f"CSV file '{images}' line {line}: no image file for id '{image_id}' in '{folder}'")
+        ids.append(image_id)
+        paths.append(files[image_id])
+    return ids, paths
+
+
+def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities ``float32[N, K]`` of the images at `paths` with the run's result weights.
+
+    Raises:
+      ConfigError: `workdir` holds no finished run (no config.json or result checkpoint).
+    """
+    import jax
+    import ml_collections
+
+    from imgclf_jax import checkpoint as ckpt_lib, loop, parallel, steps
+    from imgclf_jax.models import create_model
+
+    config_path = os.path.join(workdir, "config.json")
+    checkpoints = ckpt_lib.RunCheckpoints(workdir)
+    if not os.path.exists(config_path) or not os.path.isdir(checkpoints.result_dir):
+        raise ConfigError(f"workdir '{workdir}' holds no finished run (no config.json or result checkpoint)")
+    with open(config_path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    if batch_size:
+        config.train.batch_size = batch_size
+    num_classes = checkpoints.result_metadata()["num_classes"]
+    model = create_model(config.model, num_classes)
+    mesh = parallel.make_mesh(config.train.batch_size)
+    abstract = jax.eval_shape(lambda: steps.init_params(model, jax.random.key(0), config.data.image_size))
+    params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)))
+    checkpoints.close()
+    split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
+                  labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
+    eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
+    return loop.evaluate(eval_step, params, split, config, mesh).probabilities
+
+
+def main(argv: list[str]) -> int:
+    flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int}
+    values, _ = cli.parse_flags(argv, flags, config_overrides=False)
+    for name in ("workdir", "images", "out"):
+        if values[name] is None:
+            raise ConfigError(f"--{name} is required (usage: --workdir DIR --images PATH --out FILE)")
+    ids, paths = list_images(values["images"], values["image_dir"])
+    probabilities = predict(values["workdir"], ids, paths, values["batch_size"])
+    from imgclf_jax.report import write_submission
+
+    write_submission(values["out"], ids, np.argmax(probabilities, axis=-1))
+    print(f"wrote {values['out']} ({len(ids)} predictions)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, "imgclf_jax.predict")

@@ -15,6 +15,7 @@ from imgclf_jax.config import base_config
 def get_config():
     c = base_config()
     c.data.builder = "digits"
+    c.data.dir = ""  # bundled with scikit-learn: no data folder
     c.data.image_size = 32
     c.data.val_fraction = 0.2
     c.augment.rotation_deg = 8.0

@@ -106,7 +106,13 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
 
 
 def run(main: Callable[[list[str]], int | None], prog: str) -> None:
-    """Runs ``main(sys.argv[1:])``; a UserError becomes one line on stderr and its exit code."""
+    """Runs ``main(sys.argv[1:])``; a UserError becomes one line on stderr and its exit code.
+
+    ``--help`` (or ``-h``) prints the tool's module docstring.
+    """
+    if any(word in ("--help", "-h") for word in sys.argv[1:]):
+        print((sys.modules[main.__module__].__doc__ or prog).strip())
+        sys.exit(0)
     try:
         code = main(sys.argv[1:])
     except UserError as e:

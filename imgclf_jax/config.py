@@ -108,10 +108,14 @@ def leaf_keys(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[s
 
 
 def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
+    """The error for an unknown key: a close match, and the valid keys of its section (or all)."""
     valid = list(leaf_keys(config))
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; valid keys: {', '.join(valid)}")
+    section = key.rpartition(".")[0]
+    in_section = [k for k in valid if section and k.startswith(section + ".")]
+    where = f"valid keys in '{section}'" if in_section else "valid keys"
+    return ConfigError(f"unknown config key '{key}'{hint}; {where}: {', '.join(in_section or valid)}")
 
 
 def _lookup(config: ml_collections.ConfigDict, key: str) -> tuple[ml_collections.ConfigDict, str]:

@@ -54,10 +54,13 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
     Raises:
       ConfigError: the workdir's config.json differs in keys other than RESUMABLE_CHANGES.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         return
     if overwrite:
+        print(f"--overwrite: removing the previous run in {workdir}")
         shutil.rmtree(workdir)
         return
     with open(path) as f:
@@ -139,7 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
             abstract, abstract.params if stopper.restores_best else None)
         history, timing = loop_state["history"], loop_state["timing"]
         stopper = EarlyStopping.from_state_dict(loop_state["early_stopping"])
-        print(f"resuming {workdir} after epoch {start_epoch}")
+        if stopper.stopped or start_epoch >= config.train.num_epochs:
+            print(f"{workdir} holds a finished run ({start_epoch} epochs); writing its reports again")
+        else:
+            print(f"resuming {workdir} after epoch {start_epoch}")
     else:
         state = make_state(init_key)
     num_params = count_params(state.params)
@@ -181,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
             "train_accuracy": float(totals["correct"]) / float(totals["count"]),
             "val_loss": val.loss,
             "val_accuracy": val.accuracy,
-            "learning_rate": float(schedule(int(state.step))),
+            "learning_rate": float(f"{float(schedule(int(state.step))):.7g}"),  # float32 value, no noise
             "seconds": time.perf_counter() - started,
         }
         bar.set_postfix(loss=f"{entry['train_loss']:.4f}", acc=f"{entry['train_accuracy']:.4f}",
@@ -218,16 +224,17 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
         test = evaluate(eval_step, params, data.test, config, mesh)
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
                                 test.predictions)
-    tracked = [h[stopper.tracked] for h in history]
-    best_index = stopper.best_epoch if stopper.best_epoch >= 0 else int(np.argmax(tracked))
+    best = history[stopper.best_epoch]
     summary = {
         "num_params": num_params,
         "epochs_run": len(history),
         "stopped_early": stopper.stopped,
-        "best_epoch": best_index + 1,
-        "best_metric": stopper.tracked,
-        "best_val_accuracy": max(h["val_accuracy"] for h in history),
-        "best_val_loss": min(h["val_loss"] for h in history),
+        "best_metric": stopper.tracked,  # the monitor, or val_accuracy without early stopping
+        "best_epoch": best["epoch"],  # 1-based; ties go to the earlier epoch (Keras)
+        "best_val_accuracy": best["val_accuracy"],  # at best_epoch
+        "best_val_loss": best["val_loss"],  # at best_epoch
+        "max_val_accuracy": max(h["val_accuracy"] for h in history),
+        "min_val_loss": min(h["val_loss"] for h in history),
         "result_weights": "best epoch" if stopper.restores_best else "last epoch",
         "result_val_accuracy": val.accuracy,
         "result_val_loss": val.loss,

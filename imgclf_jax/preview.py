@@ -3,10 +3,10 @@
 Usage::
 
   python -m imgclf_jax.preview --config configs/ml6.py --out grid.png \
-      [--config.data.dir=...] [--epoch 0] [--num_images 32]
+      [--config.data.dir=...] [--epoch 1] [--num_images 32]
 
 Writes a PNG grid of the first `num_images` real rows of the given training
-epoch (0-based), each titled with its class name, exactly as the training
+epoch (1-based, as in history.json), each titled with its class name, exactly as the training
 pipeline yields them (resampled, shuffled, augmented, scaled to [0, 1]); and
 prints the per-class counts of that epoch. The same seed gives the same grid;
 another seed (``--config.seed=1``) gives another.
@@ -22,6 +22,7 @@ import numpy as np
 
 from imgclf_jax import cli
 from imgclf_jax.data import pipeline, splits
+from imgclf_jax.errors import ConfigError
 
 
 def epoch_class_counts(train: pipeline.TrainPipeline, labels: np.ndarray, num_classes: int, epoch: int):
@@ -67,22 +68,26 @@ def main(argv: list[str]) -> int:
     args = cli.parse_args(argv, {"out": str, "epoch": int, "num_images": int})
     config = args.config
     out = args.extras["out"] or os.path.join(args.workdir, "preview.png")
-    epoch = args.extras["epoch"] or 0
+    epoch = (args.extras["epoch"] or 1) - 1  # 0-based inside
+    if epoch < 0:
+        raise ConfigError("--epoch counts from 1")
     num_images = args.extras["num_images"] or 32
     data = splits.load_run_data(config.data)
     train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
     counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)
     images, labels = first_images(train, epoch, num_images)
     count_text = ", ".join(f"{name}: {c}" for name, c in zip(data.class_names, counts))
+    repeats = ",".join(map(str, config.data.class_repeats)) or "1 each"
     title = (
-        f"{os.path.basename(args.config_path)} seed {config.seed}, epoch {epoch}: "
-        f"{train.epoch_size} rows, {train.steps_per_epoch} batches of {config.train.batch_size}\n"
-        f"per class: {count_text}"
+        f"{os.path.basename(args.config_path)} seed {config.seed}, epoch {epoch + 1}: "
+        f"{len(data.train)} examples x class repeats ({repeats}) = {train.epoch_size} rows, "
+        f"{train.steps_per_epoch} batches of {config.train.batch_size}\nper class: {count_text}"
     )
     save_grid(images, labels, data.class_names, title, out)
     print(f"wrote {out} ({len(images)} images)")
     print(json.dumps({
-        "epoch": epoch,
+        "epoch": epoch + 1,
+        "examples": len(data.train),
         "rows_per_epoch": train.epoch_size,
         "steps_per_epoch": train.steps_per_epoch,
         "class_counts": dict(zip(data.class_names, counts.tolist())),

@@ -84,9 +84,13 @@ def test_unknown_key_lists_valid_keys():
     with pytest.raises(ConfigError) as info:
         cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.data.dri=x"])
     text = str(info.value)
-    assert "valid keys:" in text
-    for key in config_lib.leaf_keys(config_lib.base_config()):
-        assert key in text
+    assert "(did you mean 'data.dir'?); valid keys in 'data': " in text
+    all_keys = list(config_lib.leaf_keys(config_lib.base_config()))
+    assert all(key in text for key in all_keys if key.startswith("data."))
+    assert "train.batch_size" not in text
+    with pytest.raises(ConfigError) as info:  # no such section: every key is listed
+        cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.trian.epochs=x"])
+    assert "; valid keys: " in str(info.value) and all(key in str(info.value) for key in all_keys)
 
 
 def test_bad_command_lines():
@@ -126,3 +130,8 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
     assert len(lines) == 1 and "Traceback" not in done.stderr
     assert "not found" in lines[0] and "Kaggle" in lines[0]
     assert "deepfake-classification-unibuc" in lines[0] and "configs/digits.py needs no download" in lines[0]
+
+
+def test_help_prints_the_tools_documentation():
+    done = run_tool("imgclf_jax.train", "--help")
+    assert done.returncode == 0 and "python -m imgclf_jax.train --config configs/NAME.py" in done.stdout

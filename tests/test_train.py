@@ -170,6 +170,7 @@ def test_loop_restores_the_best_epoch_of_a_scripted_validation_loss(tmp_path, mo
     summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["epochs_run"] == 4 and summary["stopped_early"]
     assert summary["best_epoch"] == 2 and summary["result_weights"] == "best epoch"
+    assert summary["best_val_loss"] == 0.4 and summary["min_val_loss"] == 0.4
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["val_loss"] for h in history] == [0.9, 0.4, 0.6, 0.7]
     result_params = seen[4]  # the first evaluation after training: the result weights
@@ -199,6 +200,13 @@ def test_another_config_in_the_same_workdir_is_refused(tmp_path):
                                 str(tmp_path / "run"))
 
 
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    from imgclf_jax.errors import ConfigError
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        loop.train_and_evaluate(digits_config(tmp_path), str(tmp_path / "afile"))
+
+
 def test_train_cli_end_to_end_writes_every_output(tmp_path):
     workdir = tmp_path / "digits"
     done = subprocess.run(
@@ -221,7 +229,10 @@ def test_train_cli_end_to_end_writes_every_output(tmp_path):
         assert 0 <= h["val_accuracy"] <= 1 and h["learning_rate"] == pytest.approx(1e-3)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["num_params"] == 545_098 and summary["epochs_run"] == 2
-    assert summary["best_val_accuracy"] == max(h["val_accuracy"] for h in history)
+    assert summary["best_val_accuracy"] == max(h["val_accuracy"] for h in history)  # no monitor: by accuracy
+    best = history[summary["best_epoch"] - 1]
+    assert (summary["best_val_accuracy"], summary["best_val_loss"]) == (best["val_accuracy"], best["val_loss"])
+    assert summary["min_val_loss"] == min(h["val_loss"] for h in history)
     assert summary["best_val_accuracy"] > 0.5 and summary["train_images_per_s"] > 0
     matrix = json.loads((workdir / "confusion_matrix.json").read_text())
     counts = np.array(matrix["counts"])

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 
 import numpy as np
@@ -76,6 +77,14 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _load(self, example: scan_lib.Example) -> np.ndarray:
         return load_rgb(example.path)
+
+    # tfds prints "Downloading and preparing ..." with the temporary folder's name;
+    # prepare() reports the preparation itself.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _generate_examples(self, split: str, examples: list[scan_lib.Example]):
         workers = min(8, os.cpu_count() or 1)
@@ -156,15 +165,22 @@ class PreparedDataset:
 
 
 def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
-    """Hex digest of the builder version, the absolute data path and the scanned file list."""
+    """Hex digest of the builder version, the real data path and the scanned file list.
+
+    The path is resolved (``os.path.realpath``), so one folder reached by two
+    spellings shares its prepared copy; files are hashed by their path relative
+    to the data folder, their size and modification time. `root` is '' for
+    builders without files (digits).
+    """
     digest = hashlib.sha256()
-    digest.update(f"{builder_cls.name}:{builder_cls.VERSION}:{os.path.abspath(root)}\n".encode())
+    digest.update(f"{builder_cls.name}:{builder_cls.VERSION}:{os.path.realpath(root) if root else ''}\n".encode())
     digest.update(json.dumps(scan.class_names).encode())
     for split, examples in sorted(scan.splits.items()):
         for ex in examples:
             stat = os.stat(ex.path) if ex.path else None
             size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (0, 0)
-            digest.update(f"{split}\0{ex.image_id}\0{ex.label}\0{ex.path}\0{size}\0{mtime}\n".encode())
+            rel = os.path.relpath(ex.path, root) if ex.path else ""
+            digest.update(f"{split}\0{ex.image_id}\0{ex.label}\0{rel}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -186,9 +202,11 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
       ConfigError: cache_dir lies inside the data folder.
     """
     builder_cls, scan_fn = BUILDERS[builder]
+    if builder == "digits":
+        root = ""
     scan = scan_fn(root)
     cache_dir = os.path.expanduser(cache_dir)
-    if builder != "digits" and _is_inside(cache_dir, root):
+    if root and _is_inside(cache_dir, root):
         raise ConfigError(
             f"config key 'data.cache_dir' ({cache_dir}) lies inside data.dir ({root}); "
             "the data folder is never written to"
@@ -197,6 +215,9 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
     if not os.path.isdir(final):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        total = sum(len(examples) for examples in scan.splits.values())
+        print(f"preparing {total} images ({builder_cls.name} from '{root or builder}') into {final} (once)",
+              file=sys.stderr)
         try:
             tfds.disable_progress_bar()
             instance = builder_cls(scan=scan, data_dir=tmp, file_format="array_record")

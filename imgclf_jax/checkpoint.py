@@ -2,7 +2,7 @@
 
 Layout in the workdir::
 
-  checkpoints/latest/<epochs done>/   state (step, params, opt_state), best params when early
+  checkpoints/latest/<updates done>/   state (step, params, opt_state), best params when early
                                       stopping restores them, and JSON loop state (history,
                                       early stopping); one kept
   checkpoints/result/                 the result params and JSON metadata (class names, ...)
@@ -42,16 +42,16 @@ class RunCheckpoints:
     def result_dir(self) -> str:
         return os.path.join(self.workdir, "checkpoints", "result")
 
-    def latest_epoch(self) -> int | None:
-        """Number of epochs completed in the latest checkpoint, or None if there is none."""
+    def latest_step(self) -> int | None:
+        """Optimizer updates done in the latest checkpoint, or None if there is none."""
         return self._latest.latest_step()
 
-    def save_latest(self, epochs_done: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
-        """Saves the state after `epochs_done` epochs, replacing the previous one."""
+    def save_latest(self, step: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
+        """Saves the state after `step` updates, replacing the previous checkpoint."""
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_state)}
         if best_params is not None:
             items["best_params"] = ocp.args.StandardSave(best_params)
-        self._latest.save(epochs_done, args=ocp.args.Composite(**items), force=True)
+        self._latest.save(step, args=ocp.args.Composite(**items), force=True)
         self._latest.wait_until_finished()
 
     def restore_latest(self, abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any, dict]:

@@ -14,6 +14,9 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
 import time
 
 import jax
@@ -107,12 +110,75 @@ def count_params(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+@dataclasses.dataclass
+class Progress:
+    """Where a run is, in JSON-serializable form (saved with every checkpoint).
+
+    epoch: 0-based epoch in progress (or next); batch: next batch within it.
+    totals: the epoch's running sums so far (loss_sum, correct, count; host float64).
+    seconds: wall time spent in the epoch so far.
+    """
+
+    epoch: int = 0
+    batch: int = 0
+    totals: dict = dataclasses.field(default_factory=lambda: {"loss_sum": 0.0, "correct": 0.0, "count": 0.0})
+    seconds: float = 0.0
+    history: list = dataclasses.field(default_factory=list)
+    early_stopping: dict = dataclasses.field(default_factory=dict)
+    timing: dict = dataclasses.field(default_factory=lambda: {"train_seconds": 0.0, "train_images": 0})
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130
+
+
+class InterruptGuard:
+    """Turns the first SIGINT / SIGTERM into a flag the loop checks after each step.
+
+    A second signal of the same kind acts as usual (KeyboardInterrupt / termination).
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # second signal: give up at once
+            handler = self._previous.get(signum)
+            if callable(handler):
+                handler(signum, frame)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name}: saving a checkpoint after this step, then stopping", file=sys.stderr)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        return False
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
     """Trains `config` in `workdir` and writes every output; returns the summary dict.
 
+    Resumes from the latest checkpoint of the workdir, which is written after
+    every epoch and when SIGINT/SIGTERM arrives (mid-epoch, after the current
+    step). A resumed run computes exactly what an uninterrupted one would: the
+    checkpoint holds the train state, the best weights, early stopping, the
+    epoch's running sums and the batch position (batches are a pure function
+    of the seed and their index).
+
     Raises:
       ConfigError, DataError: bad config or data (before any training step).
-      TrainingError: a NaN or infinite training loss (the checkpoints stay intact).
+      TrainingError: a NaN or infinite training loss, naming the step (the checkpoints stay intact).
+      Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
     """
     check_workdir(workdir, config, overwrite)
     data = splits.load_run_data(config.data)
@@ -127,84 +193,141 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
     train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)
     eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
     train = pipeline.train_pipeline(data.train, config)
-
-    stopper = EarlyStopping(config.train.early_stopping.monitor, config.train.early_stopping.patience)
+    es = config.train.early_stopping
+    stopper = EarlyStopping(es.monitor, es.patience)
     checkpoints = ckpt_lib.RunCheckpoints(workdir)
     make_state = jax.jit(lambda key: steps.create_train_state(model, tx, key, config.data.image_size),
                          out_shardings=rep)
-    history: list[dict] = []
-    timing = {"train_seconds": 0.0, "train_images": 0}
+
     best_params = None
-    start_epoch = checkpoints.latest_epoch() or 0
-    if start_epoch:
+    if checkpoints.latest_step() is not None:
         abstract = ckpt_lib.abstract_like(jax.eval_shape(make_state, init_key), rep)
-        state, best_params, loop_state = checkpoints.restore_latest(
+        state, best_params, saved = checkpoints.restore_latest(
             abstract, abstract.params if stopper.restores_best else None)
-        history, timing = loop_state["history"], loop_state["timing"]
-        stopper = EarlyStopping.from_state_dict(loop_state["early_stopping"])
-        if stopper.stopped or start_epoch >= config.train.num_epochs:
-            print(f"{workdir} holds a finished run ({start_epoch} epochs); writing its reports again")
+        progress = Progress(**saved)
+        stopper = EarlyStopping.from_state_dict(progress.early_stopping)
+        if stopper.stopped or progress.epoch >= config.train.num_epochs:
+            print(f"{workdir} holds a finished run ({progress.epoch} epochs); writing its reports again")
         else:
-            print(f"resuming {workdir} after epoch {start_epoch}")
+            print(f"resuming {workdir} at epoch {progress.epoch + 1}, batch {progress.batch}")
     else:
-        state = make_state(init_key)
+        state, progress = make_state(init_key), Progress()
     num_params = count_params(state.params)
 
-    for epoch in range(start_epoch, config.train.num_epochs):
-        if stopper.stopped:
-            break
-        started = time.perf_counter()
-        totals = None
-        steady_start, steady_images = None, 0
-        bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-                   dynamic_ncols=True, mininterval=1.0)
-        for i, batch in enumerate(train.epoch(epoch)):
+    def save() -> None:
+        progress.early_stopping = stopper.state_dict()
+        checkpoints.save_latest(int(state.step), state, best_params if stopper.restores_best else None,
+                                dataclasses.asdict(progress))
+
+    with InterruptGuard() as guard:
+        while progress.epoch < config.train.num_epochs and not stopper.stopped:
+            epoch = progress.epoch
+            state, finished = _train_epoch(state, train, train_step, dropout_key, mesh, progress, guard,
+                                           config, workdir)
+            if not finished:
+                save()
+                checkpoints.close()
+                raise Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
+                                  f"checkpoint saved in {workdir}; rerun the same command to resume")
+            started = time.perf_counter()
+            val = evaluate(eval_step, state.params, data.validation, config, mesh)
+            t = progress.totals
+            entry = {
+                "epoch": epoch + 1,
+                "train_loss": t["loss_sum"] / t["count"],
+                "train_accuracy": t["correct"] / t["count"],
+                "val_loss": val.loss,
+                "val_accuracy": val.accuracy,
+                "learning_rate": float(f"{float(schedule(int(state.step))):.7g}"),  # float32, no noise digits
+                "seconds": progress.seconds + time.perf_counter() - started,
+            }
+            print(f"epoch {epoch + 1}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds", "learning_rate"))
+                + f", learning_rate {entry['learning_rate']:.3g}, {entry['seconds']:.0f}s")
+            progress.history.append(entry)
+            if stopper.update(epoch, entry) and stopper.restores_best:
+                best_params = jax.tree.map(jnp.copy, state.params)
+            progress.epoch, progress.batch, progress.seconds = epoch + 1, 0, 0.0
+            progress.totals = Progress().totals
+            save()
+            report.write_json(os.path.join(workdir, "history.json"), progress.history)
+            if guard.signal_name is not None and progress.epoch < config.train.num_epochs:
+                checkpoints.close()
+                raise Interrupted(f"{guard.signal_name} after epoch {progress.epoch}: checkpoint saved "
+                                  f"in {workdir}; rerun the same command to resume")
+
+    result_params = best_params if (stopper.restores_best and best_params is not None) else state.params
+    summary = finish(config, workdir, data, result_params, progress.history, stopper, progress.timing,
+                     num_params, checkpoints, eval_step, mesh)
+    checkpoints.close()
+    return summary
+
+
+def _check_finite(metrics, global_step: int, epoch: int, batch: int, workdir: str) -> dict:
+    """Host copy of one step's metrics; raises TrainingError if its loss is NaN or infinite."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not np.isfinite(values["loss_sum"]):
+        loss = values["loss_sum"] / max(values["count"], 1.0)
+        raise TrainingError(
+            f"training loss is {loss} at step {global_step} (epoch {epoch + 1}, batch {batch + 1}); "
+            f"stopped; the checkpoints of the last good epoch are in {workdir}/checkpoints"
+        )
+    return values
+
+
+def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress, guard: InterruptGuard,
+                 config, workdir) -> tuple[steps.TrainState, bool]:
+    """Runs the rest of epoch `progress.epoch` from batch `progress.batch`, updating `progress`.
+
+    Each step's metrics are read one step late (so the device stays busy) and
+    checked for NaN. Returns (state, True when the epoch is complete; False when
+    interrupted: then `progress` points at the next batch to run).
+    """
+    epoch, first = progress.epoch, progress.batch
+    steps_per_epoch = train.steps_per_epoch
+    bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+               dynamic_ncols=True, mininterval=1.0, leave=False)
+    started = time.perf_counter()
+    steady_start, steady_images = None, 0
+    pending = None  # (batch index, device metrics) of the step before
+
+    def absorb(item) -> None:
+        batch_index, device_metrics = item
+        values = _check_finite(device_metrics, epoch * steps_per_epoch + batch_index, epoch, batch_index,
+                               workdir)
+        for key in progress.totals:
+            progress.totals[key] += values[key]
+        progress.batch = batch_index + 1
+        t = progress.totals
+        bar.set_postfix(loss=f"{t['loss_sum'] / t['count']:.4f}", acc=f"{t['correct'] / t['count']:.4f}",
+                        refresh=False)
+
+    iterator = train.batches(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch)
+    try:
+        for i, batch in enumerate(iterator, start=first):
             state, metrics = train_step(state, parallel.shard_batch(batch, mesh), dropout_key)
-            totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
             real = int(batch["mask"].sum())
-            if i == 0:
+            if pending is not None:
+                absorb(pending)
+            pending = (i, metrics)
+            if steady_start is None:
                 jax.block_until_ready(state.step)  # compilation and warm-up stay out of the timing
                 steady_start = time.perf_counter()
             else:
                 steady_images += real
             bar.update(real)
-        jax.block_until_ready(state.step)
-        if steady_images:
-            timing["train_seconds"] += time.perf_counter() - steady_start
-            timing["train_images"] += steady_images
-        totals = jax.device_get(totals)
-        train_loss = float(totals["loss_sum"]) / float(totals["count"])
-        if not np.isfinite(train_loss):
-            bar.close()
-            raise TrainingError(
-                f"training loss is {train_loss} in epoch {epoch + 1} (steps up to {int(state.step)}); "
-                f"the checkpoints of the last good epoch are in {workdir}/checkpoints"
-            )
-        val = evaluate(eval_step, state.params, data.validation, config, mesh)
-        entry = {
-            "epoch": epoch + 1,
-            "train_loss": train_loss,
-            "train_accuracy": float(totals["correct"]) / float(totals["count"]),
-            "val_loss": val.loss,
-            "val_accuracy": val.accuracy,
-            "learning_rate": float(f"{float(schedule(int(state.step))):.7g}"),  # float32 value, no noise
-            "seconds": time.perf_counter() - started,
-        }
-        bar.set_postfix(loss=f"{entry['train_loss']:.4f}", acc=f"{entry['train_accuracy']:.4f}",
-                        val_loss=f"{val.loss:.4f}", val_acc=f"{val.accuracy:.4f}")
+            if guard.signal_name is not None:
+                break
+        if pending is not None:
+            absorb(pending)
+    finally:
+        del iterator  # stops grain's worker processes
         bar.close()
-        history.append(entry)
-        if stopper.update(epoch, entry) and stopper.restores_best:
-            best_params = jax.tree.map(jnp.copy, state.params)
-        checkpoints.save_latest(epoch + 1, state, best_params if stopper.restores_best else None, {
-            "history": history, "early_stopping": stopper.state_dict(), "timing": timing})
-        report.write_json(os.path.join(workdir, "history.json"), history)
-
-    result_params = best_params if (stopper.restores_best and best_params is not None) else state.params
-    summary = finish(config, workdir, data, result_params, history, stopper, timing, num_params,
-                     checkpoints, eval_step, mesh)
-    checkpoints.close()
-    return summary
+    if steady_images:
+        progress.timing["train_seconds"] += time.perf_counter() - steady_start
+        progress.timing["train_images"] += steady_images
+    progress.seconds += time.perf_counter() - started
+    return state, progress.batch == steps_per_epoch
 
 
 def finish(config, workdir, data, params, history, stopper, timing, num_params, checkpoints,

@@ -1,0 +1,72 @@
+"""Interrupted runs resume exactly: kill -9 after an epoch, SIGTERM mid-epoch."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def command(workdir, cache, epochs=3):
+    return [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py",
+            f"--config.train.num_epochs={epochs}", "--config.data.max_train_examples=600",
+            f"--config.data.cache_dir={cache}", "--workdir", str(workdir)]
+
+
+def history(workdir):
+    path = pathlib.Path(workdir) / "history.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def without_seconds(entries):
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    done = subprocess.run(command(tmp / "run", tmp / "cache"), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return history(tmp / "run"), tmp / "cache"
+
+
+def start_and_wait(cmd, until, timeout=300):
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while not until() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    return process
+
+
+def test_kill_9_after_the_second_epoch_resumes_bit_for_bit(reference, tmp_path):
+    expected, cache = reference
+    workdir = tmp_path / "run"
+    process = start_and_wait(command(workdir, cache), lambda: len(history(workdir)) >= 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert len(history(workdir)) == 2
+    done = subprocess.run(command(workdir, cache), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    assert without_seconds(history(workdir)) == without_seconds(expected)
+
+
+def test_sigterm_mid_epoch_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
+    expected, cache = reference
+    workdir = tmp_path / "run"
+    process = start_and_wait(command(workdir, cache), lambda: len(history(workdir)) >= 1)
+    time.sleep(0.3)  # somewhere inside epoch 2 (or its evaluation)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert "SIGTERM" in err and "checkpoint saved" in err and "Traceback" not in err
+    done = subprocess.run(command(workdir, cache), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    assert without_seconds(history(workdir)) == without_seconds(expected)

@@ -293,7 +293,7 @@ def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress
 
     def absorb(item) -> None:
         batch_index, device_metrics = item
-        values = _check_finite(device_metrics, epoch * steps_per_epoch + batch_index, epoch, batch_index,
+        values = _check_finite(device_metrics, epoch * steps_per_epoch + batch_index + 1, epoch, batch_index,
                                workdir)
         for key in progress.totals:
             progress.totals[key] += values[key]

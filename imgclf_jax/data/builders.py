@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from imgclf_jax.data import scan as scan_lib
 from imgclf_jax.data.imageio import load_rgb
-from imgclf_jax.errors import ConfigError
+from imgclf_jax.errors import ConfigError, DataError
 
 _CHUNK = 256  # images decoded at once by the preparation thread pool
 
@@ -70,6 +70,7 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _split_generators(self, dl_manager):
         del dl_manager
         self.info.metadata["class_names"] = list(self._scan.class_names)
+        self.info.metadata["image_sizes"] = {}  # "HxW" -> count, filled while generating
         return {
             split: self._generate_examples(split, examples)
             for split, examples in self._scan.splits.items()
@@ -77,6 +78,12 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _load(self, example: scan_lib.Example) -> np.ndarray:
         return load_rgb(example.path)
+
+    def _load_checked(self, example: scan_lib.Example) -> np.ndarray:
+        try:
+            return self._load(example)
+        except DataError as e:
+            raise DataError(f"{e} ({example.origin})" if example.origin else str(e)) from None
 
     # tfds prints "Downloading and preparing ..." with the temporary folder's name;
     # prepare() reports the preparation itself.
@@ -93,8 +100,11 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         ) as bar:
             for start in range(0, len(examples), _CHUNK):
                 chunk = examples[start : start + _CHUNK]
-                for offset, pixels in enumerate(pool.map(self._load, chunk)):
+                for offset, pixels in enumerate(pool.map(self._load_checked, chunk)):
                     example = chunk[offset]
+                    size = f"{pixels.shape[0]}x{pixels.shape[1]}"
+                    sizes = self.info.metadata["image_sizes"]
+                    sizes[size] = sizes.get(size, 0) + 1
                     yield start + offset, {
                         "image": pixels,
                         "image_id": example.image_id,
@@ -184,6 +194,23 @@ def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
     return digest.hexdigest()[:16]
 
 
+def _remove_abandoned(final: str) -> None:
+    """Deletes temporary folders of `final` left by preparations whose process is gone (killed)."""
+    folder, name = os.path.split(final)
+    if not os.path.isdir(folder):
+        return
+    for entry in os.listdir(folder):
+        if not entry.startswith(f"{name}.tmp-"):
+            continue
+        try:
+            pid = int(entry[len(name) + 5:].split("-")[0])
+            os.kill(pid, 0)  # raises if no such process
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        except (ValueError, PermissionError):
+            pass
+
+
 def _is_inside(path: str, folder: str) -> bool:
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -212,6 +239,7 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
             "the data folder is never written to"
         )
     final = os.path.join(cache_dir, f"{builder_cls.name}-{cache_key(builder_cls, root, scan)}")
+    _remove_abandoned(final)
     if not os.path.isdir(final):
         os.makedirs(cache_dir, exist_ok=True)
         tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -235,6 +263,15 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
     return open_prepared(builder_cls, final, scan)
 
 
+def warn_mixed_sizes(sizes: dict[str, int]) -> None:
+    """One warning when images come in more than one size (they are all resized alike)."""
+    if len(sizes) > 1:
+        common = max(sizes, key=sizes.get)
+        others = sum(sizes.values()) - sizes[common]
+        print(f"warning: {others} of {sum(sizes.values())} images are not {common} (the most common "
+              f"size); every image is resized to data.image_size", file=sys.stderr)
+
+
 def open_prepared(builder_cls: type, path: str, scan: scan_lib.Scan) -> PreparedDataset:
     """Opens a prepared folder with ``tfds.data_source``; ids and labels come from the scan.
 
@@ -242,7 +279,9 @@ def open_prepared(builder_cls: type, path: str, scan: scan_lib.Scan) -> Prepared
       RuntimeError: the prepared record counts differ from the scan (a corrupt cache).
     """
     sources = tfds.data_source(builder_cls.name, data_dir=path, try_gcs=False)
-    class_names = builder_cls(data_dir=path).info.metadata["class_names"]
+    metadata = builder_cls(data_dir=path).info.metadata
+    class_names = metadata["class_names"]
+    warn_mixed_sizes(metadata.get("image_sizes", {}))
     splits = {}
     for split, examples in scan.splits.items():
         source = sources[split]

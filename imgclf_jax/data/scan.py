@@ -35,11 +35,12 @@ KAGGLE_HINT = (
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One image to prepare: its id, integer label (-1 = unlabeled) and file path."""
+    """One image to prepare: its id, integer label (-1 = unlabeled), file path and where it was listed."""
 
     image_id: str
     label: int
     path: str
+    origin: str = ""  # e.g. "train.csv line 5", named in errors about this image
 
 
 @dataclasses.dataclass
@@ -165,7 +166,7 @@ def scan_competition(root: str) -> Scan:
                     f"CSV file '{csv_path}' line {line}: no image file for id '{image_id}' "
                     f"in '{folder}' (looked for {image_id}.<png|jpg|webp|...>)"
                 )
-            examples.append(Example(image_id, label, path))
+            examples.append(Example(image_id, label, path, f"{os.path.basename(csv_path)} line {line}"))
         splits[split] = examples
     return Scan(class_names=[str(i) for i in range(num_classes)], splits=splits)
 

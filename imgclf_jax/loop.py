@@ -321,7 +321,7 @@ def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress
         if pending is not None:
             absorb(pending)
     finally:
-        del iterator  # stops grain's worker processes
+        iterator.close()  # stops grain's worker processes
         bar.close()
     if steady_images:
         progress.timing["train_seconds"] += time.perf_counter() - steady_start

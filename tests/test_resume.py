@@ -70,3 +70,23 @@ def test_sigterm_mid_epoch_saves_exits_cleanly_and_resumes_exactly(reference, tm
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming" in done.stdout
     assert without_seconds(history(workdir)) == without_seconds(expected)
+
+
+def test_ctrl_c_to_the_process_group_with_data_workers_exits_cleanly(reference, tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, grain's worker processes included."""
+    expected, cache = reference
+    workdir = tmp_path / "run"
+    cmd = command(workdir, cache) + ["--config.data.num_workers=2"]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while not history(workdir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "checkpoint saved" in err
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert without_seconds(history(workdir)) == without_seconds(expected)  # workers change nothing

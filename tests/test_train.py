@@ -198,6 +198,10 @@ def test_another_config_in_the_same_workdir_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"another config: optimizer.learning_rate \(0.001 -> 0.01\)"):
         loop.train_and_evaluate(digits_config(tmp_path, **{"optimizer.learning_rate": "0.01"}),
                                 str(tmp_path / "run"))
+    loop.train_and_evaluate(digits_config(tmp_path, **{"optimizer.learning_rate": "0.01",
+                                                       "train.num_epochs": "1"}),
+                            str(tmp_path / "run"), overwrite=True)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["optimizer"]["learning_rate"] == 0.01
 
 
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
 from typing import Iterator
 
 import grain
@@ -158,7 +159,10 @@ class TrainPipeline:
 
 
 def iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict]:
-    """Iterates a batched MapDataset in order; num_workers > 0 uses grain worker processes."""
+    """Iterates a batched MapDataset in order; num_workers > 0 uses grain worker processes.
+
+    Call ``close()`` on the iterator when done early, to stop the workers at once.
+    """
     threads = min(4, os.cpu_count() or 1)
     it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=4))
     if num_workers > 0:
@@ -166,8 +170,44 @@ def iterate(dataset: grain.MapDataset, num_workers: int) -> Iterator[dict]:
 
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers; we parse none
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                            worker_init_fn=_ignore_interrupts)
+        return _WorkerIterator(iter(it))
     return iter(it)
+
+
+class _WorkerIterator:
+    """Starts grain's worker processes with SIGINT blocked, so Ctrl-C reaches only the main process.
+
+    The workers inherit the blocked signal (and then ignore it); the main process
+    unblocks it once they are started, receives any Ctrl-C that arrived meanwhile,
+    checkpoints, and closes them.
+    """
+
+    def __init__(self, iterator):
+        self._iterator, self._started = iterator, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._started:
+            return next(self._iterator)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return next(self._iterator)
+        finally:
+            self._started = True
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def close(self) -> None:
+        self._iterator.close()
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """Grain workers leave Ctrl-C to the main process, which checkpoints and then closes them."""
+    del worker_index, worker_count
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def train_pipeline(

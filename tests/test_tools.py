@@ -1,4 +1,4 @@
-"""The vote tool: majority per id, deterministic ties, the first file's order, clear errors."""
+"""The vote and results tools: majority per id, deterministic ties, clear errors; a results table."""
 
 import pathlib
 import subprocess
@@ -51,3 +51,17 @@ def test_cli_errors_name_the_file(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
     done = run(a, "--out", tmp_path / "m.csv")
     assert done.returncode == 2 and "at least two files" in done.stderr
+
+
+def test_results_table_reads_finished_runs(tmp_path):
+    import json
+    run = tmp_path / "runA"
+    run.mkdir()
+    (run / "history.json").write_text(json.dumps([
+        {"epoch": 1, "val_accuracy": 0.5, "seconds": 30.0}, {"epoch": 2, "val_accuracy": 0.75, "seconds": 90.0}]))
+    (run / "summary.json").write_text(json.dumps(
+        {"num_params": 1234567, "best_epoch": 2, "train_images_per_s": 61.26, "num_train_examples": 100}))
+    done = subprocess.run([sys.executable, "-m", "imgclf_jax.results", str(run)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "| runA | 1,234,567 | 0.7500 | 2 | 2 | 2.0 min | 61.3 | 100 |"

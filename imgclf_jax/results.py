@@ -1,0 +1,50 @@
+"""A results table of finished runs: ``python -m imgclf_jax.results runs/a runs/b ...``.
+
+Prints one Markdown row per workdir (from its config.json, summary.json and
+history.json): parameters, best validation accuracy and its epoch, epochs run,
+wall time, training images/s (steady state) and the training examples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from imgclf_jax import cli
+from imgclf_jax.errors import ConfigError
+
+HEADER = ("| run | params | best val acc | best epoch | epochs run | wall time | train img/s | train examples |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def _load(workdir: str, name: str):
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        raise ConfigError(f"'{workdir}' has no {name} (not a finished run)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def row(workdir: str) -> str:
+    """One Markdown table row for a finished run's workdir."""
+    summary, history = _load(workdir, "summary.json"), _load(workdir, "history.json")
+    best = history[summary["best_epoch"] - 1]
+    minutes = sum(h["seconds"] for h in history) / 60
+    speed = summary.get("train_images_per_s")
+    return (f"| {os.path.basename(os.path.normpath(workdir))} | {summary['num_params']:,} | "
+            f"{best['val_accuracy']:.4f} | {best['epoch']} | {len(history)} | {minutes:.1f} min | "
+            f"{speed:.1f} | {summary.get('num_train_examples', '')} |")
+
+
+def main(argv: list[str]) -> int:
+    workdirs = [word for word in argv if not word.startswith("-")]
+    if not workdirs or len(workdirs) != len(argv):
+        raise ConfigError("usage: python -m imgclf_jax.results WORKDIR [WORKDIR ...]")
+    print(HEADER)
+    for workdir in workdirs:
+        print(row(workdir))
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, "imgclf_jax.results")

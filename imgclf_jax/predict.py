@@ -48,7 +48,7 @@ def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str
     """
     exts = image_extensions()
     if os.path.isdir(images):
-        files = scan_lib._index_folder(images, exts)
+        files = scan_lib.index_folder(images, exts)
         if not files:
             raise DataError(f"folder '{images}' holds no images")
         ids = sorted(files)
@@ -57,10 +57,10 @@ def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str
         raise DataError(f"--images '{images}' is neither a folder nor a CSV file")
     rows = scan_lib.read_csv(images, need_label=False)
     folder = image_dir or os.path.splitext(images)[0]
-    files = scan_lib._index_folder(folder, exts)
+    files = scan_lib.index_folder(folder, exts)
     ids, paths = [], []
     for line, image_id, _ in rows:
-        image_id = scan_lib._strip_image_ext(image_id, exts)
+        image_id = scan_lib.strip_image_ext(image_id, exts)
         if image_id not in files:
             raise DataError(f"CSV file '{images}' line {line}: no image file for id '{image_id}' in '{folder}'")
         ids.append(image_id)

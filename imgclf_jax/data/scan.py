@@ -51,12 +51,12 @@ class Scan:
     splits: dict[str, list[Example]]
 
 
-def _strip_image_ext(name: str, exts: frozenset[str]) -> str:
+def strip_image_ext(name: str, exts: frozenset[str]) -> str:
     stem, ext = os.path.splitext(name)
     return stem if ext.lower() in exts else name
 
 
-def _index_folder(folder: str, exts: frozenset[str]) -> dict[str, str]:
+def index_folder(folder: str, exts: frozenset[str]) -> dict[str, str]:
     """Maps image id (file name without extension) -> path for the image files in `folder`."""
     if not os.path.isdir(folder):
         raise DataError(f"image folder '{folder}' not found")
@@ -156,10 +156,10 @@ def scan_competition(root: str) -> Scan:
         else:
             labels = [-1] * len(rows)
         folder = os.path.join(root, split)
-        files = _index_folder(folder, exts)
+        files = index_folder(folder, exts)
         examples = []
         for (line, image_id, _), label in zip(rows, labels):
-            image_id = _strip_image_ext(image_id, exts)
+            image_id = strip_image_ext(image_id, exts)
             path = files.get(image_id)
             if path is None:
                 raise DataError(
@@ -177,7 +177,7 @@ def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Exam
         raise DataError(f"folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>)")
     examples = []
     for label, name in enumerate(classes):
-        files = _index_folder(os.path.join(folder, name), exts)
+        files = index_folder(os.path.join(folder, name), exts)
         for stem in sorted(files):
             examples.append(Example(f"{name}/{stem}", label, files[stem]))
     return classes, examples
@@ -210,7 +210,7 @@ def scan_folders(root: str) -> Scan:
             )
         test_dir = os.path.join(root, "test")
         if os.path.isdir(test_dir):
-            files = _index_folder(test_dir, exts)
+            files = index_folder(test_dir, exts)
             splits["test"] = [Example(stem, -1, files[stem]) for stem in sorted(files)]
     else:
         classes, splits["train"] = _class_tree(root, exts)

@@ -40,6 +40,7 @@ class RunCheckpoints:
 
     @property
     def result_dir(self) -> str:
+        """``<workdir>/checkpoints/result``: the result params and metadata."""
         return os.path.join(self.workdir, "checkpoints", "result")
 
     def latest_step(self) -> int | None:
@@ -101,4 +102,5 @@ class RunCheckpoints:
         return restored["params"], restored["metadata"]
 
     def close(self) -> None:
+        """Releases the checkpoint manager (call once the run is done)."""
         self._latest.close()

@@ -46,6 +46,7 @@ class EarlyStopping:
 
     @property
     def mode(self) -> str:
+        """'min' for a loss, 'max' for an accuracy."""
         return "min" if "loss" in self.tracked else "max"
 
     @property
@@ -54,6 +55,7 @@ class EarlyStopping:
         return bool(self.monitor)
 
     def is_improvement(self, value: float) -> bool:
+        """Whether `value` is strictly better than the best so far (NaN never is)."""
         if self.best is None or math.isnan(self.best):
             return not math.isnan(value)
         return value < self.best if self.mode == "min" else value > self.best
@@ -73,8 +75,10 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict:
+        """The state as a JSON-serializable dict (for checkpoints)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> "EarlyStopping":
+        """Rebuilds the state saved by :meth:`state_dict`."""
         return cls(**state)

@@ -89,6 +89,7 @@ class Evaluation:
 
     @property
     def predictions(self) -> np.ndarray:
+        """int64[N] predicted classes (argmax of the probabilities)."""
         return np.argmax(self.probabilities, axis=-1)
 
 
@@ -107,6 +108,7 @@ def evaluate(eval_step, params, split: splits.Split, config, mesh) -> Evaluation
 
 
 def count_params(params) -> int:
+    """Total number of scalars in a params pytree."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 

@@ -101,6 +101,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
 
 
 def main(argv: list[str]) -> int:
+    """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int}
     values, _ = cli.parse_flags(argv, flags, config_overrides=False)
     for name in ("workdir", "images", "out"):

@@ -65,6 +65,7 @@ def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], ti
 
 
 def main(argv: list[str]) -> int:
+    """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"out": str, "epoch": int, "num_images": int})
     config = args.config
     out = args.extras["out"] or os.path.join(args.workdir, "preview.png")

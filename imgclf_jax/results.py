@@ -37,6 +37,7 @@ def row(workdir: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     workdirs = [word for word in argv if not word.startswith("-")]
     if not workdirs or len(workdirs) != len(argv):
         raise ConfigError("usage: python -m imgclf_jax.results WORKDIR [WORKDIR ...]")

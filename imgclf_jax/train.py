@@ -15,6 +15,7 @@ from imgclf_jax import cli
 
 
 def main(argv: list[str]) -> int:
+    """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"overwrite": bool})
     from imgclf_jax import loop  # jax is imported only after the command line is known to be good
 

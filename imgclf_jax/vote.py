@@ -53,6 +53,7 @@ def majority_vote(votes: list[dict[str, int]]) -> dict[str, int]:
 
 
 def main(argv: list[str]) -> int:
+    """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     files, out, i = [], None, 0
     while i < len(argv):
         word = argv[i]

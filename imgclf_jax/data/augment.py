@@ -47,10 +47,12 @@ class AugmentParams:
 
     @property
     def warps(self) -> bool:
+        """Whether any affine range is non-zero (the warp runs)."""
         return bool(self.rotation_deg or self.shift_fraction or self.zoom_fraction)
 
     @property
     def active(self) -> bool:
+        """Whether augmentation changes anything (warp or flip)."""
         return self.warps or self.horizontal_flip
 
 

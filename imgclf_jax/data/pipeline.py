@@ -201,6 +201,7 @@ class _WorkerIterator:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
     def close(self) -> None:
+        """Stops the worker processes."""
         self._iterator.close()
 
 

@@ -52,6 +52,7 @@ class Scan:
 
 
 def strip_image_ext(name: str, exts: frozenset[str]) -> str:
+    """`name` without its extension if that is an image extension ('a.png' -> 'a'), else unchanged."""
     stem, ext = os.path.splitext(name)
     return stem if ext.lower() in exts else name
 

@@ -37,6 +37,7 @@ class Split:
         return len(self.records)
 
     def subset(self, positions: np.ndarray) -> "Split":
+        """The rows at `positions` (int[M], sorted first so the split's order is kept)."""
         positions = np.sort(np.asarray(positions, dtype=np.int64))
         return Split(
             source=self.source,
@@ -57,6 +58,7 @@ class RunData:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes K (labels are 0..K-1)."""
         return len(self.class_names)
 
 

@@ -62,7 +62,9 @@ def parse_flags(argv: list[str], flags: dict[str, type], config_overrides: bool 
             raise ConfigError(f"unexpected argument {word!r}; flags: {listing}")
         name, eq, value = word[2:].partition("=")
         if flags.get(name) is bool:
-            values[name] = (value.lower() not in ("false", "0", "no")) if eq else True
+            if eq and value.lower() not in ("true", "1", "yes", "false", "0", "no"):
+                raise ConfigError(f"flag --{name} is true or false, got {value!r}")
+            values[name] = (value.lower() in ("true", "1", "yes")) if eq else True
             continue
         if name not in flags and not (config_overrides and name.startswith("config.")):
             raise ConfigError(f"unknown flag --{name}; flags: {listing}")

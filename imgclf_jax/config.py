@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import math
 import os
 from typing import Any, Iterator
 
@@ -48,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resize_method = "nearest"  # PIL filter; 'nearest' is Keras load_img's default
     c.data.max_train_examples = 0  # 0 = all; else a class-balanced subset, taken before resampling
     c.data.max_val_examples = 0  # 0 = all; else a class-balanced subset
+    c.data.num_classes = 0  # competition layout: 0 = largest training label + 1
     c.data.val_fraction = 0.1  # fraction held out when the data has no validation split
     c.data.split_seed = 0  # seed of that held-out split and of the subsets (not `seed`: stays fixed)
     c.data.class_repeats = ()  # per-class repeat factor per epoch, e.g. (2, 2, 2, 2, 3); () = 1 each
@@ -164,8 +166,12 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         try:
             value = ast.literal_eval(text) if text.strip() else ()
         except (ValueError, SyntaxError):
-            # Bare words: 'same,valid' -> ('same', 'valid').
-            value = tuple(part.strip() for part in text.split(","))
+            # Bare words: 'same,valid' or '[same,valid]' -> ('same', 'valid').
+            value = tuple(part.strip() for part in text.strip().strip("()[]").split(","))
+        if current and type(current[0]) is bool:
+            words = {"true": True, "false": False, "1": True, "0": False}
+            value = tuple(words.get(str(v).strip().lower(), v) if not isinstance(v, bool) else v
+                          for v in (value if isinstance(value, (tuple, list)) else (value,)))
         if not isinstance(value, (tuple, list)):
             value = (value,)
         value = tuple(value)
@@ -196,6 +202,8 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
     """
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found")
+    if not path.endswith(".py"):
+        raise ConfigError(f"config file '{path}' is not a Python file (configs/NAME.py)")
     spec = importlib.util.spec_from_file_location("_imgclf_config", path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -204,7 +212,12 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file '{path}' failed to load: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file '{path}' has no get_config()")
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except Exception as e:  # e.g. a value of the wrong type for a key
+        raise ConfigError(f"config file '{path}': get_config() failed: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file '{path}': get_config() must return an ml_collections.ConfigDict")
     check_schema(config, source=path)
     return config
 
@@ -247,6 +260,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(d.max_train_examples >= 0, "data.max_train_examples", ">= 0 (0 = all)")
     need(d.max_val_examples >= 0, "data.max_val_examples", ">= 0 (0 = all)")
     need(0.0 < d.val_fraction < 1.0, "data.val_fraction", "in (0, 1)")
+    need(d.num_classes >= 0, "data.num_classes", ">= 0 (0 = infer from the labels)")
+    need(bool(d.cache_dir.strip()), "data.cache_dir", "a folder path")
+    need(0 <= config.seed < 2**32, "seed", "in [0, 2**32)")
+    need(0 <= d.split_seed < 2**32, "data.split_seed", "in [0, 2**32)")
+    for key in leaf_keys(config):
+        parent, name = _lookup(config, key)
+        values = parent[name] if isinstance(parent[name], (tuple, list)) else (parent[name],)
+        need(all(math.isfinite(v) for v in values if isinstance(v, float)), key, "finite")
     need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")

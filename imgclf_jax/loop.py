@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -30,7 +31,7 @@ from imgclf_jax import parallel, report, steps
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.errors import ConfigError, UserError
-from imgclf_jax.models import create_model
+from imgclf_jax.models import create_model, layer_specs
 from imgclf_jax.optim import create_optimizer
 
 # Keys that may change between a run and its resumption without changing its results.
@@ -51,23 +52,58 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# What a run writes into its workdir; --overwrite removes these and nothing else.
+RUN_FILES = ("config.json", "history.json", "summary.json", "accuracy.png", "loss.png",
+             "confusion_matrix.json", "confusion_matrix.png", "submission.csv", "checkpoints")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-    """Refuses to reuse a workdir that holds a run of another config (unless `overwrite`: then clears it).
+    """Refuses to reuse a workdir that holds a run of another config (unless `overwrite`).
+
+    With `overwrite`, the previous run's own files (RUN_FILES) are removed;
+    other files in the folder are left alone. A workdir inside the data folder
+    is refused, as is a config.json that is not an imgclf_jax run's.
 
     Raises:
-      ConfigError: the workdir's config.json differs in keys other than RESUMABLE_CHANGES.
+      ConfigError: the workdir's config.json differs in keys other than RESUMABLE_CHANGES,
+        or is not a run config, or the workdir is a file, lies inside data.dir or is not writable.
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
+    if config.data.dir and os.path.isdir(config.data.dir):
+        data_dir, real = os.path.realpath(config.data.dir), os.path.realpath(workdir)
+        if os.path.commonpath([data_dir, real]) == data_dir:
+            raise ConfigError(f"--workdir '{workdir}' lies inside data.dir ({config.data.dir}); "
+                              "the data folder is never written to")
     path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    old = None
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None
+        if not (isinstance(old, dict) and {"data", "model", "train"} <= set(old)):
+            raise ConfigError(f"--workdir '{workdir}' holds a config.json that is not an imgclf_jax "
+                              "run's; choose another --workdir")
+    if old is not None and overwrite:
+        print(f"--overwrite: removing the previous run's files in {workdir}")
+        for name in RUN_FILES:
+            target = os.path.join(workdir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        old = None
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir '{workdir}' cannot be written: {e.strerror}") from None
+    if old is None:
         return
-    if overwrite:
-        print(f"--overwrite: removing the previous run in {workdir}")
-        shutil.rmtree(workdir)
-        return
-    with open(path) as f:
-        old = _flat(json.load(f))
+    old = _flat(old)
     new = _flat(json.loads(json.dumps(config.to_dict())))
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
@@ -128,6 +164,7 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
     early_stopping: dict = dataclasses.field(default_factory=dict)
     timing: dict = dataclasses.field(default_factory=lambda: {"train_seconds": 0.0, "train_images": 0})
+    data: str = ""  # the prepared dataset's name: a resumed run must see the same data
 
 
 class Interrupted(UserError):
@@ -183,8 +220,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
       Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
     """
     check_workdir(workdir, config, overwrite)
+    layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
     data = splits.load_run_data(config.data)
-    os.makedirs(workdir, exist_ok=True)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
     model = create_model(config.model, data.num_classes)
@@ -207,13 +244,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
         state, best_params, saved = checkpoints.restore_latest(
             abstract, abstract.params if stopper.restores_best else None)
         progress = Progress(**saved)
+        if progress.data != data.fingerprint:
+            raise ConfigError(
+                f"the data changed since the run in '{workdir}' started ({progress.data} -> "
+                f"{data.fingerprint}); use another --workdir, or --overwrite to start again")
         stopper = EarlyStopping.from_state_dict(progress.early_stopping)
         if stopper.stopped or progress.epoch >= config.train.num_epochs:
             print(f"{workdir} holds a finished run ({progress.epoch} epochs); writing its reports again")
         else:
             print(f"resuming {workdir} at epoch {progress.epoch + 1}, batch {progress.batch}")
     else:
-        state, progress = make_state(init_key), Progress()
+        state, progress = make_state(init_key), Progress(data=data.fingerprint)
     num_params = count_params(state.params)
 
     def save() -> None:
@@ -233,6 +274,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
                                   f"checkpoint saved in {workdir}; rerun the same command to resume")
             started = time.perf_counter()
             val = evaluate(eval_step, state.params, data.validation, config, mesh)
+            if not np.isfinite(val.loss):
+                checkpoints.close()
+                raise TrainingError(
+                    f"validation loss is {val.loss} after epoch {epoch + 1} (the weights are not finite); "
+                    f"stopped without saving them; the last good checkpoint is in {workdir}/checkpoints")
             t = progress.totals
             entry = {
                 "epoch": epoch + 1,

@@ -81,9 +81,10 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     from imgclf_jax.models import create_model
 
     config_path = os.path.join(workdir, "config.json")
-    checkpoints = ckpt_lib.RunCheckpoints(workdir)
-    if not os.path.exists(config_path) or not os.path.isdir(checkpoints.result_dir):
+    result_dir = os.path.join(workdir, "checkpoints", "result")
+    if not os.path.exists(config_path) or not os.path.isdir(result_dir):
         raise ConfigError(f"workdir '{workdir}' holds no finished run (no config.json or result checkpoint)")
+    checkpoints = ckpt_lib.RunCheckpoints(workdir)
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     if batch_size:
@@ -107,6 +108,10 @@ def main(argv: list[str]) -> int:
     for name in ("workdir", "images", "out"):
         if values[name] is None:
             raise ConfigError(f"--{name} is required (usage: --workdir DIR --images PATH --out FILE)")
+    if values["batch_size"] is not None and values["batch_size"] < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {values['batch_size']}")
+    if os.path.isdir(values["out"]):
+        raise ConfigError(f"--out '{values['out']}' is a folder; give a file name")
     ids, paths = list_images(values["images"], values["image_dir"])
     probabilities = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission

@@ -69,10 +69,12 @@ def main(argv: list[str]) -> int:
     args = cli.parse_args(argv, {"out": str, "epoch": int, "num_images": int})
     config = args.config
     out = args.extras["out"] or os.path.join(args.workdir, "preview.png")
-    epoch = (args.extras["epoch"] or 1) - 1  # 0-based inside
+    epoch = (1 if args.extras["epoch"] is None else args.extras["epoch"]) - 1  # 0-based inside
     if epoch < 0:
-        raise ConfigError("--epoch counts from 1")
-    num_images = args.extras["num_images"] or 32
+        raise ConfigError(f"--epoch counts from 1, got {epoch + 1}")
+    num_images = 32 if args.extras["num_images"] is None else args.extras["num_images"]
+    if num_images < 1:
+        raise ConfigError(f"--num_images must be >= 1, got {num_images}")
     data = splits.load_run_data(config.data)
     train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
     counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)

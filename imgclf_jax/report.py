@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from imgclf_jax.errors import ConfigError
+
 
 def write_json(path: str, value) -> None:
     """Writes `value` as indented JSON, atomically."""
@@ -89,7 +91,16 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
 
 
 def write_submission(path: str, image_ids: list[str], predictions: np.ndarray) -> None:
-    """Writes ``image_id,label`` rows (ids without extension, integer labels, no index column)."""
+    """Writes ``image_id,label`` rows (ids without extension, integer labels, no index column).
+
+    Creates the parent folder if needed.
+
+    Raises:
+      ConfigError: `path` is a folder.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")

@@ -31,9 +31,10 @@ def row(workdir: str) -> str:
     best = history[summary["best_epoch"] - 1]
     minutes = sum(h["seconds"] for h in history) / 60
     speed = summary.get("train_images_per_s")
+    speed = "-" if speed is None else f"{speed:.1f}"  # None: one step per epoch, nothing steady
     return (f"| {os.path.basename(os.path.normpath(workdir))} | {summary['num_params']:,} | "
             f"{best['val_accuracy']:.4f} | {best['epoch']} | {len(history)} | {minutes:.1f} min | "
-            f"{speed:.1f} | {summary.get('num_train_examples', '')} |")
+            f"{speed} | {summary.get('num_train_examples', '')} |")
 
 
 def main(argv: list[str]) -> int:

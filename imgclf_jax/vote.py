@@ -81,7 +81,6 @@ def main(argv: list[str]) -> int:
                 f"{' (e.g. ' + extra[0] + ')' if extra else ''}"
             )
     merged = majority_vote(votes)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_submission(out, list(merged), list(merged.values()))
     print(f"wrote {out}: {len(merged)} ids, majority of {len(files)} files")
     return 0

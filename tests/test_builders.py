@@ -100,8 +100,32 @@ def test_competition_errors_name_file_and_line(small_competition, tmp_path, cach
     val = root / "validation.csv"
     vlines = val.read_text().splitlines()
     val.write_text("\n".join(vlines[:2] + [vlines[2].split(",")[0] + ",7"] + vlines[3:]) + "\n")
-    with pytest.raises(DataError, match=r"validation.csv' line 3: label 7 is out of range \(0..4\)"):
+    with pytest.raises(DataError, match=r"validation.csv' line 3: label 7 is out of range \(0..4;"):
         builders.prepare("competition", str(root), cache_dir)
+    prepared = builders.prepare("competition", str(root), cache_dir, num_classes=8)  # explicit K
+    assert prepared.class_names == [str(k) for k in range(8)]
+
+
+def test_duplicate_ids_with_and_without_extension(small_competition, tmp_path, cache_dir):
+    import shutil
+    root = tmp_path / "dup"
+    shutil.copytree(small_competition, root)
+    lines = (root / "train.csv").read_text().splitlines()
+    image_id = lines[1].split(",")[0]
+    (root / "train.csv").write_text("\n".join(lines + [f"{image_id}.webp,3"]) + "\n")
+    with pytest.raises(DataError, match=rf"line {len(lines) + 1}: duplicate image_id '{image_id}' \(first on line 2\)"):
+        builders.prepare("competition", str(root), cache_dir)
+
+
+def test_classes_without_training_rows_are_named_in_a_warning(small_competition, tmp_path, cache_dir, capfd):
+    import shutil
+    root = tmp_path / "gap"
+    shutil.copytree(small_competition, root)
+    lines = (root / "train.csv").read_text().splitlines()
+    kept = [lines[0]] + [l for l in lines[1:] if not l.endswith(",2")]
+    (root / "train.csv").write_text("\n".join(kept) + "\n")
+    builders.prepare("competition", str(root), cache_dir)
+    assert "warning: 1 of 5 classes have no training rows" in capfd.readouterr().err
 
 
 def test_cache_inside_data_folder_is_refused(small_competition):
@@ -212,3 +236,31 @@ def test_balanced_subsets(small_competition, cache_dir):
     with pytest.raises(ConfigError, match="'data.class_repeats' has 3 entries but the data has 5 classes"):
         splits.make_run_data(prepared, data_config(
             "competition", small_competition, cache_dir, class_repeats=(1, 2, 3)))
+
+
+def test_folders_layout_edge_cases(tmp_path, cache_dir):
+    root = tmp_path / "only_train"
+    make_class_folders(root / "train", {"a": 6, "b": 6})
+    prepared = builders.prepare("folders", str(root), cache_dir)  # train/ alone: classes under it
+    assert prepared.class_names == ["a", "b"] and "validation" not in prepared.splits
+    (root / "__MACOSX" / "junk").mkdir(parents=True)
+    assert builders.prepare("folders", str(root), cache_dir).class_names == ["a", "b"]
+    tiny = tmp_path / "tiny"
+    make_class_folders(tiny, {"a": 2, "b": 2, "c": 2})
+    prepared = builders.prepare("folders", str(tiny), cache_dir)
+    with pytest.raises(DataError, match="cannot hold out data.val_fraction=0.1 of the 6 training images"):
+        splits.make_run_data(prepared, data_config("folders", tiny, cache_dir))
+    empty_val = tmp_path / "empty_val"
+    make_class_folders(empty_val / "train", {"a": 2})
+    (empty_val / "validation" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="the validation split under .* holds no images"):
+        builders.prepare("folders", str(empty_val), cache_dir)
+
+
+def test_csv_that_is_not_utf8_is_one_line(small_competition, tmp_path, cache_dir):
+    import shutil
+    root = tmp_path / "latin"
+    shutil.copytree(small_competition, root)
+    (root / "train.csv").write_bytes("image_id,label\ncaf\xe9,1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="train.csv' is not UTF-8 text"):
+        builders.prepare("competition", str(root), cache_dir)

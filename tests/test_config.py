@@ -1,6 +1,7 @@
 """The config files and the CLI contract: overrides, typed keys, one-line errors."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -135,3 +136,27 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_help_prints_the_tools_documentation():
     done = run_tool("imgclf_jax.train", "--help")
     assert done.returncode == 0 and "python -m imgclf_jax.train --config configs/NAME.py" in done.stdout
+
+
+def test_more_override_forms_and_config_file_failures(tmp_path):
+    args = cli.parse_args(["--config", str(ROOT / "configs/ml6.py"),
+                           "--config.model.conv_paddings=[same,valid,same]",
+                           "--config.model.conv_pools=true,false,true"])
+    assert args.config.model.conv_paddings == ("same", "valid", "same")
+    assert args.config.model.conv_pools == (True, False, True)
+    for bad, message in [("--config.seed=-1", "'seed' must be in [0, 2**32)"),
+                         ("--config.augment.rotation_deg=inf", "'augment.rotation_deg' must be finite"),
+                         ("--config.data.cache_dir=", "'data.cache_dir' must be a folder path")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), bad])
+    with pytest.raises(ConfigError, match="flag --overwrite is true or false"):
+        cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--overwrite=maybe"], {"overwrite": bool})
+    broken = tmp_path / "broken.py"
+    broken.write_text("from imgclf_jax.config import base_config\n"
+                      "def get_config():\n    c = base_config()\n    c.train.batch_size = 32.5\n    return c\n")
+    with pytest.raises(ConfigError, match=r"get_config\(\) failed: TypeError"):
+        cli.parse_args(["--config", str(broken)])
+    data = tmp_path / "train.csv"
+    data.write_text("image_id,label\n")
+    with pytest.raises(ConfigError, match="is not a Python file"):
+        cli.parse_args(["--config", str(data)])

@@ -137,3 +137,67 @@ def test_checkpoint_from_one_device_resumes_on_two(tmp_path):
     for x, y in zip(a, b):
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
         assert x["val_accuracy"] == pytest.approx(y["val_accuracy"], abs=2 / 64)
+
+
+def test_cache_dir_and_workdir_problems_are_one_line_errors(small_competition, tmp_path):
+    from imgclf_jax.errors import ConfigError
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"'data.cache_dir' .* cannot be written"):
+        builders.prepare("competition", str(small_competition), str(tmp_path / "afile"))
+    with pytest.raises(ConfigError, match=r"'data.cache_dir' .* cannot be written"):
+        builders.prepare("competition", str(small_competition), str(tmp_path / "afile" / "sub"))
+    c = tiny_digits(tmp_path)
+    c.data.dir = str(small_competition)
+    with pytest.raises(ConfigError, match="lies inside data.dir"):
+        loop.check_workdir(str(small_competition / "runs" / "x"), c, overwrite=False)
+    foreign = tmp_path / "project"
+    (foreign / "src").mkdir(parents=True)
+    (foreign / "config.json").write_text('{"name": "my-app"}')
+    (foreign / "src" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an imgclf_jax run's"):
+        loop.check_workdir(str(foreign), tiny_digits(tmp_path), overwrite=True)
+    assert (foreign / "src" / "precious.txt").exists()
+
+
+def test_overwrite_removes_only_the_runs_own_files(tmp_path):
+    workdir = tmp_path / "run"
+    loop.train_and_evaluate(tiny_digits(tmp_path, epochs=1), str(workdir))
+    (workdir / "notes.txt").write_text("mine")
+    c = tiny_digits(tmp_path, epochs=1)
+    c.optimizer.learning_rate = 0.01
+    loop.check_workdir(str(workdir), c, overwrite=True)
+    assert sorted(os.listdir(workdir)) == ["notes.txt"]
+
+
+def test_nan_weights_at_the_end_of_an_epoch_are_never_saved(tmp_path):
+    c = tiny_digits(tmp_path, epochs=2)
+    c.optimizer.learning_rate = 1e30
+    c.data.max_train_examples = 32  # one step per epoch: the NaN shows only in validation
+    with pytest.raises(loop.TrainingError, match="validation loss is nan after epoch 1"):
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints" / "latest")
+
+
+def test_a_model_too_deep_for_the_image_stops_before_any_data_work(tmp_path):
+    from imgclf_jax.errors import ConfigError
+    c = config_lib.load_config_file(str(ROOT / "configs/ml1.py"))
+    c.data.image_size = 16
+    c.data.dir = str(tmp_path / "never_read")
+    with pytest.raises(ConfigError, match="leaves no pixels of a 16x16 image"):
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
+
+
+def test_resuming_on_changed_data_is_refused(small_competition, tmp_path):
+    from imgclf_jax.errors import ConfigError
+    root = copy_of(small_competition, tmp_path / "data")
+    c = config_lib.load_config_file(str(ROOT / "configs/ml1.py"))
+    c.data.dir, c.data.cache_dir = str(root), str(tmp_path / "cache")
+    c.train.num_epochs, c.train.batch_size = 1, 16
+    c.model.conv_filters, c.model.dense_units, c.data.image_size = (4, 4, 4), (8,), 32
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+    lines = (root / "train.csv").read_text().splitlines()
+    (root / "train.csv").write_text("\n".join(lines[:-1]) + "\n")
+    c.train.num_epochs = 2
+    with pytest.raises(ConfigError, match="the data changed since the run"):
+        loop.train_and_evaluate(c, str(tmp_path / "run"))

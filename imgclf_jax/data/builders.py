@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 
 import numpy as np
@@ -148,8 +149,8 @@ def scan_digits() -> scan_lib.Scan:
 
 BUILDERS = {
     "competition": (Competition, scan_lib.scan_competition),
-    "folders": (ClassFolders, scan_lib.scan_folders),
-    "digits": (Digits, lambda root: scan_digits()),
+    "folders": (ClassFolders, lambda root, num_classes: scan_lib.scan_folders(root)),
+    "digits": (Digits, lambda root, num_classes: scan_digits()),
 }
 
 
@@ -216,13 +217,14 @@ def _is_inside(path: str, folder: str) -> bool:
     return os.path.commonpath([path, folder]) == folder
 
 
-def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
+def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> PreparedDataset:
     """Scans `root`, prepares it into `cache_dir` if not already there, and opens it.
 
     Args:
       builder: 'competition', 'folders' or 'digits' (config key data.builder).
       root: the data folder (config key data.dir); ignored for 'digits'.
       cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
+      num_classes: the competition layout's class count (data.num_classes); 0 = infer.
 
     Raises:
       DataError: from the scan (missing folder, malformed CSV, missing or corrupt image).
@@ -231,7 +233,7 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
     builder_cls, scan_fn = BUILDERS[builder]
     if builder == "digits":
         root = ""
-    scan = scan_fn(root)
+    scan = scan_fn(root, num_classes)
     cache_dir = os.path.expanduser(cache_dir)
     if root and _is_inside(cache_dir, root):
         raise ConfigError(
@@ -241,7 +243,13 @@ def prepare(builder: str, root: str, cache_dir: str) -> PreparedDataset:
     final = os.path.join(cache_dir, f"{builder_cls.name}-{cache_key(builder_cls, root, scan)}")
     _remove_abandoned(final)
     if not os.path.isdir(final):
-        os.makedirs(cache_dir, exist_ok=True)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=cache_dir):
+                pass
+        except OSError as e:
+            raise ConfigError(f"config key 'data.cache_dir' ({cache_dir}) cannot be written: "
+                              f"{e.strerror}") from None
         tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         total = sum(len(examples) for examples in scan.splits.values())
         print(f"preparing {total} images ({builder_cls.name} from '{root or builder}') into {final} (once)",

@@ -3,8 +3,9 @@
 Conversions (documented contract, tested):
 - grayscale ('L', '1'), palette ('P'), 'LA', 'RGBA', 'CMYK', 'YCbCr' -> RGB via
   Pillow's ``convert('RGB')`` (alpha is dropped, as Keras's ``load_img`` does);
-- 16-bit and 32-bit integer grayscale ('I;16*', 'I') -> scaled to 8 bits
-  (``round(v * 255 / 65535)``), not clipped, then replicated to RGB;
+- 16-bit integer grayscale ('I;16*', and 'I' read as 16-bit) -> scaled to 8
+  bits (``round(v * 255 / 65535)``), not clipped, then replicated to RGB
+  (32-bit values above 65535 saturate at 255);
 - every frame but the first of a multi-frame file is ignored.
 """
 
@@ -27,10 +28,18 @@ RESIZE_FILTERS = {
 }
 
 
+# Raster formats people store datasets in; other files in an image folder are ignored.
+COMMON_EXTENSIONS = frozenset({
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".gif", ".tif", ".tiff",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".ico", ".jp2", ".j2k", ".avif", ".heic", ".qoi",
+})
+
+
 def image_extensions() -> frozenset[str]:
-    """Lower-case file extensions ('.png', '.webp', ...) that Pillow can open here."""
+    """Lower-case image file extensions ('.png', '.webp', ...) that Pillow can open here."""
     Image.init()
-    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+    readable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return frozenset(readable & COMMON_EXTENSIONS)
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -57,7 +66,7 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
             return _to_rgb(image)
     except FileNotFoundError:
         raise DataError(f"image file '{path}' not found") from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL raises these for corrupt data
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # corrupt or huge
         raise DataError(f"image file '{path}' cannot be read: {e}") from None
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import sys
 
 import numpy as np
 
@@ -77,13 +78,22 @@ def index_folder(folder: str, exts: frozenset[str]) -> dict[str, str]:
 def read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
     """Reads an ``image_id[,label]`` CSV as (line number, id, label text or None) rows.
 
-    Byte-order marks and CRLF line ends are accepted; extra columns are ignored.
+    Byte-order marks and CRLF line ends are accepted; extra columns are ignored;
+    ids given with an image extension ('a.png') are read as 'a'.
 
     Raises:
       DataError: missing file, empty file, missing columns, an empty id or a duplicate id.
     """
     if not os.path.isfile(path):
         raise DataError(f"CSV file '{path}' not found")
+    try:
+        return _read_csv(path, need_label)
+    except UnicodeDecodeError as e:
+        raise DataError(f"CSV file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
+    exts = image_extensions()
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         header = next(reader, None)
@@ -105,7 +115,7 @@ def read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
                 continue
             if len(row) <= max(id_col, label_col or 0):
                 raise DataError(f"CSV file '{path}' line {line}: too few columns: {','.join(row)!r}")
-            image_id = row[id_col].strip()
+            image_id = strip_image_ext(row[id_col].strip(), exts)
             if not image_id:
                 raise DataError(f"CSV file '{path}' line {line}: empty image_id")
             if image_id in seen:
@@ -127,15 +137,18 @@ def _parse_label(path: str, line: int, text: str, num_classes: int | None) -> in
         raise DataError(f"CSV file '{path}' line {line}: label {text!r} is not an integer") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         allowed = f"0..{num_classes - 1}" if num_classes else ">= 0"
-        raise DataError(f"CSV file '{path}' line {line}: label {label} is out of range ({allowed})")
+        raise DataError(f"CSV file '{path}' line {line}: label {label} is out of range ({allowed}; "
+                        "the classes are 0..K-1, K = data.num_classes or the largest training label + 1)")
     return label
 
 
-def scan_competition(root: str) -> Scan:
+def scan_competition(root: str, num_classes: int = 0) -> Scan:
     """Scans the Kaggle competition layout under `root` (see the module docstring).
 
-    The number of classes is the largest training label + 1; validation labels
-    must lie in that range. Ids given with an image extension are accepted.
+    The number of classes is `num_classes` (config key data.num_classes) or,
+    when 0, the largest training label + 1; labels must lie in 0..K-1. A
+    warning names classes without training rows. Ids given with an image
+    extension are accepted.
 
     Raises:
       DataError: missing folder or file, malformed CSV, bad label, missing image.
@@ -144,15 +157,14 @@ def scan_competition(root: str) -> Scan:
         raise DataError(f"data folder '{root}' not found: {KAGGLE_HINT}")
     exts = image_extensions()
     splits: dict[str, list[Example]] = {}
-    num_classes = None
     for split, labelled in (("train", True), ("validation", True), ("test", False)):
         csv_path = os.path.join(root, f"{split}.csv")
         if split == "test" and not os.path.exists(csv_path):
             continue
         rows = read_csv(csv_path, need_label=labelled)
         if labelled:
-            labels = [_parse_label(csv_path, line, text, num_classes) for line, _, text in rows]
-            if num_classes is None:
+            labels = [_parse_label(csv_path, line, text, num_classes or None) for line, _, text in rows]
+            if not num_classes:
                 num_classes = max(labels) + 1
         else:
             labels = [-1] * len(rows)
@@ -160,7 +172,6 @@ def scan_competition(root: str) -> Scan:
         files = index_folder(folder, exts)
         examples = []
         for (line, image_id, _), label in zip(rows, labels):
-            image_id = strip_image_ext(image_id, exts)
             path = files.get(image_id)
             if path is None:
                 raise DataError(
@@ -169,11 +180,18 @@ def scan_competition(root: str) -> Scan:
                 )
             examples.append(Example(image_id, label, path, f"{os.path.basename(csv_path)} line {line}"))
         splits[split] = examples
+    present = {ex.label for ex in splits["train"]}
+    missing = [c for c in range(num_classes) if c not in present]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        print(f"warning: {len(missing)} of {num_classes} classes have no training rows in "
+              f"'{os.path.join(root, 'train.csv')}': {shown}", file=sys.stderr)
     return Scan(class_names=[str(i) for i in range(num_classes)], splits=splits)
 
 
 def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Example]]:
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in os.scandir(folder)
+                     if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
     if not classes:
         raise DataError(f"folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>)")
     examples = []
@@ -187,11 +205,12 @@ def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Exam
 def scan_folders(root: str) -> Scan:
     """Scans a one-folder-per-class layout.
 
-    ``root/<class>/*`` gives one 'train' split (the validation split is then
-    drawn from it, see :mod:`imgclf_jax.data.splits`); ``root/train/<class>/*``
-    with ``root/validation/<class>/*`` gives both, with the same class names
+    ``root/<class>/*`` or ``root/train/<class>/*`` alone gives one 'train'
+    split (the validation split is then drawn from it, see
+    :mod:`imgclf_jax.data.splits`); ``root/train/<class>/*`` with
+    ``root/validation/<class>/*`` gives both, with the same class names
     required, and a flat ``root/test/`` folder, if present, an unlabeled test
-    split. Class order is the sorted folder names; ids are ``<class>/<stem>``
+    split. Hidden folders and ``__MACOSX`` are ignored. Class order is the sorted folder names; ids are ``<class>/<stem>``
     (test: ``<stem>``).
 
     Raises:
@@ -212,9 +231,16 @@ def scan_folders(root: str) -> Scan:
         test_dir = os.path.join(root, "test")
         if os.path.isdir(test_dir):
             files = index_folder(test_dir, exts)
+            if not files:
+                raise DataError(f"test folder '{test_dir}' holds no images (remove it, or add images)")
             splits["test"] = [Example(stem, -1, files[stem]) for stem in sorted(files)]
+    elif os.path.isdir(train_dir):
+        classes, splits["train"] = _class_tree(train_dir, exts)
     else:
         classes, splits["train"] = _class_tree(root, exts)
+    for split, examples in splits.items():
+        if not examples:
+            raise DataError(f"the {split} split under '{root}' holds no images")
     for label, name in enumerate(classes):
         if not any(e.label == label for e in splits["train"]):
             raise DataError(f"class folder '{name}' under '{root}' has no images")

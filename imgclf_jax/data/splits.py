@@ -12,12 +12,13 @@ by ``seed``, so runs with different seeds see the same rows.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import ml_collections
 import numpy as np
 
 from imgclf_jax.data.builders import PreparedDataset, prepare
-from imgclf_jax.errors import ConfigError
+from imgclf_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -55,6 +56,7 @@ class RunData:
     train: Split
     validation: Split
     test: Split | None
+    fingerprint: str = ""  # the prepared dataset's folder name (builder and cache key)
 
     @property
     def num_classes(self) -> int:
@@ -114,7 +116,11 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
     if "validation" in prepared.splits:
         validation = _whole(prepared, "validation")
     else:
-        train_pos, val_pos = stratified_split(train.labels, data.val_fraction, data.split_seed)
+        try:
+            train_pos, val_pos = stratified_split(train.labels, data.val_fraction, data.split_seed)
+        except ValueError as e:  # scikit-learn: too few rows per class for this fraction
+            raise DataError(f"cannot hold out data.val_fraction={data.val_fraction} of the "
+                            f"{len(train)} training images stratified by class: {e}") from None
         train, validation = train.subset(train_pos), train.subset(val_pos)
     if data.max_train_examples:
         train = train.subset(balanced_subset(train.labels, data.max_train_examples, data.split_seed))
@@ -129,10 +135,11 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
             f"config key 'data.class_repeats' has {len(data.class_repeats)} entries but the data "
             f"has {num_classes} classes"
         )
-    return RunData(class_names=prepared.class_names, train=train, validation=validation, test=test)
+    return RunData(class_names=prepared.class_names, train=train, validation=validation, test=test,
+                   fingerprint=os.path.basename(prepared.path))
 
 
 def load_run_data(data: ml_collections.ConfigDict) -> RunData:
     """Prepares (once) and opens the dataset named by the ``data`` config section."""
-    prepared = prepare(data.builder, data.dir, data.cache_dir)
+    prepared = prepare(data.builder, data.dir, data.cache_dir, data.num_classes)
     return make_run_data(prepared, data)

@@ -57,7 +57,9 @@ def main(argv: list[str]) -> int:
     files, out, i = [], None, 0
     while i < len(argv):
         word = argv[i]
-        if word == "--out" and i + 1 < len(argv):
+        if word == "--out":
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("flag --out needs a value")
             out, i = argv[i + 1], i + 2
             continue
         if word.startswith("--out="):

@@ -334,7 +334,8 @@ def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress
     epoch, first = progress.epoch, progress.batch
     steps_per_epoch = train.steps_per_epoch
     bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
-               dynamic_ncols=True, mininterval=1.0, leave=False)
+               dynamic_ncols=True, leave=False,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     started = time.perf_counter()
     steady_start, steady_images = None, 0
     pending = None  # (batch index, device metrics) of the step before

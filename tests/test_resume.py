@@ -36,8 +36,10 @@ def reference(tmp_path_factory):
     return history(tmp / "run"), tmp / "cache"
 
 
-def start_and_wait(cmd, until, timeout=300):
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def start_and_wait(cmd, until, timeout=300, **popen_kwargs):
+    """Starts `cmd` and returns its process once `until()` holds (or it ended, or `timeout` s passed)."""
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               **popen_kwargs)
     deadline = time.time() + timeout
     while not until() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -77,11 +79,7 @@ def test_ctrl_c_to_the_process_group_with_data_workers_exits_cleanly(reference, 
     expected, cache = reference
     workdir = tmp_path / "run"
     cmd = command(workdir, cache) + ["--config.data.num_workers=2"]
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    deadline = time.time() + 300
-    while not history(workdir) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    process = start_and_wait(cmd, lambda: len(history(workdir)) >= 1, start_new_session=True)
     time.sleep(0.5)
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)

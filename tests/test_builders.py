@@ -96,6 +96,12 @@ def test_competition_errors_name_file_and_line(small_competition, tmp_path, cach
     csv_path.write_text("")
     with pytest.raises(DataError, match="is empty"):
         builders.prepare("competition", str(root), cache_dir)
+    csv_path.write_text("image_id,label\r\n")
+    with pytest.raises(DataError, match="train.csv' has a header but no rows"):
+        builders.prepare("competition", str(root), cache_dir)
+    csv_path.write_text("\ufeff" + good.replace("\n", "\r\n"))  # BOM and CRLF are read as usual
+    assert builders.prepare("competition", str(root), cache_dir).splits["train"].image_ids == [
+        line.split(",")[0] for line in lines[1:]]
     csv_path.write_text(good)
     val = root / "validation.csv"
     vlines = val.read_text().splitlines()

@@ -46,6 +46,14 @@ def start_and_wait(cmd, until, timeout=300, **popen_kwargs):
     return process
 
 
+def rerun_and_compare(cmd, workdir, expected):
+    """Reruns an interrupted command; it must resume and end with the uninterrupted history."""
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming" in done.stdout
+    assert without_seconds(history(workdir)) == without_seconds(expected)
+
+
 def test_kill_9_after_the_second_epoch_resumes_bit_for_bit(reference, tmp_path):
     expected, cache = reference
     workdir = tmp_path / "run"
@@ -53,10 +61,7 @@ def test_kill_9_after_the_second_epoch_resumes_bit_for_bit(reference, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert len(history(workdir)) == 2
-    done = subprocess.run(command(workdir, cache), cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in done.stdout
-    assert without_seconds(history(workdir)) == without_seconds(expected)
+    rerun_and_compare(command(workdir, cache), workdir, expected)
 
 
 def test_sigterm_mid_epoch_saves_exits_cleanly_and_resumes_exactly(reference, tmp_path):
@@ -68,10 +73,7 @@ def test_sigterm_mid_epoch_saves_exits_cleanly_and_resumes_exactly(reference, tm
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     assert "SIGTERM" in err and "checkpoint saved" in err and "Traceback" not in err
-    done = subprocess.run(command(workdir, cache), cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming" in done.stdout
-    assert without_seconds(history(workdir)) == without_seconds(expected)
+    rerun_and_compare(command(workdir, cache), workdir, expected)
 
 
 def test_ctrl_c_to_the_process_group_with_data_workers_exits_cleanly(reference, tmp_path):
@@ -85,6 +87,4 @@ def test_ctrl_c_to_the_process_group_with_data_workers_exits_cleanly(reference, 
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "checkpoint saved" in err
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert without_seconds(history(workdir)) == without_seconds(expected)  # workers change nothing
+    rerun_and_compare(cmd, workdir, expected)  # workers change nothing either

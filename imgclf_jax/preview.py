@@ -34,7 +34,7 @@ def first_images(train: pipeline.TrainPipeline, epoch: int, count: int) -> tuple
     """The first `count` real rows of an epoch: (float32[n, H, W, 3] in [0, 1], int32[n] labels)."""
     images, labels = [], []
     start = epoch * train.steps_per_epoch
-    needed = math.ceil(count / train.dataset[0]["image"].shape[0])
+    needed = math.ceil(count / train.batch_size)
     for batch in train.batches(start, min(start + needed, (epoch + 1) * train.steps_per_epoch)):
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])

@@ -138,8 +138,8 @@ class TrainPipeline:
     dataset: grain.MapDataset
     rows: grain.MapDataset  # global row position -> {'row': position in the split or PAD}
     steps_per_epoch: int
+    batch_size: int
     epoch_size: int  # rows per epoch after resampling (real rows, no padding)
-    num_epochs: int
     num_workers: int
 
     def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict]:
@@ -148,7 +148,7 @@ class TrainPipeline:
 
     def epoch_rows(self, epoch: int) -> np.ndarray:
         """int64[N]: the split positions of one epoch's real rows, in batch order (no images read)."""
-        per_epoch = len(self.rows) // self.num_epochs
+        per_epoch = self.steps_per_epoch * self.batch_size  # padded slots per epoch
         rows = [self.rows[i]["row"] for i in range(epoch * per_epoch, (epoch + 1) * per_epoch)]
         return np.array([r for r in rows if r != PAD], dtype=np.int64)
 
@@ -234,7 +234,7 @@ def train_pipeline(
     if params.active:
         ds = ds.random_map(_Augment(params), seed=augment_seed)
     ds = ds.map(_finish).batch(batch_size)
-    return TrainPipeline(ds, rows, steps, len(resampled), num_epochs, config.data.num_workers)
+    return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers)
 
 
 def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None):

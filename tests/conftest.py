@@ -28,6 +28,20 @@ def find_image(folder: pathlib.Path, image_id: str) -> pathlib.Path:
     return next(folder.glob(f"{image_id}.*"))
 
 
+def copy_with_test_split(src: pathlib.Path, dst: pathlib.Path, stems: list[str]) -> list[pathlib.Path]:
+    """Copies a competition folder to `dst` and adds test/: src's first validation images renamed to `stems`.
+
+    Returns the new test image paths (test.csv is the caller's to write).
+    """
+    shutil.copytree(src, dst)
+    (dst / "test").mkdir()
+    paths = []
+    for stem, image in zip(stems, sorted((src / "validation").iterdir())):
+        paths.append(dst / "test" / f"{stem}{image.suffix}")
+        shutil.copy(image, paths[-1])
+    return paths
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     if not (SHARED_DATA / "train.csv").exists():

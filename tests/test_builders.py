@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import find_image, read_rows
+from conftest import copy_with_test_split, find_image, read_rows
 from imgclf_jax import config as config_lib
 from imgclf_jax.data import builders, splits
 from imgclf_jax.data.imageio import load_rgb
@@ -59,14 +59,9 @@ def test_cache_is_reused_and_changed_data_is_prepared_again(small_competition, c
 
 
 def test_competition_test_split_and_ids_with_extension(small_competition, tmp_path, cache_dir):
-    import shutil
     root = tmp_path / "with_test"
-    shutil.copytree(small_competition, root)
-    (root / "test").mkdir()
-    ids = []
-    for i, src in enumerate(sorted((small_competition / "validation").iterdir())[:4]):
-        shutil.copy(src, root / "test" / f"t{i}{src.suffix}")
-        ids.append(f"t{i}{src.suffix}" if i % 2 else f"t{i}")  # ids with and without extension
+    paths = copy_with_test_split(small_competition, root, ["t0", "t1", "t2", "t3"])
+    ids = [p.name if i % 2 else p.stem for i, p in enumerate(paths)]  # ids with and without extension
     (root / "test.csv").write_text("\ufeffimage_id\r\n" + "\r\n".join(ids) + "\r\n")  # BOM, CRLF
     prepared = builders.prepare("competition", str(root), cache_dir)
     test = prepared.splits["test"]

@@ -3,13 +3,12 @@
 import csv
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import read_rows
+from conftest import copy_with_test_split, read_rows
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,12 +23,8 @@ def trained_run(small_competition, tmp_path_factory):
     """ml1 for one epoch on 40 real train images; validation 15; a 6-image test split."""
     tmp = tmp_path_factory.mktemp("predict")
     data = tmp / "data"
-    shutil.copytree(small_competition, data)
-    (data / "test").mkdir()
-    test_ids = []
-    for i, src in enumerate(sorted((small_competition / "validation").iterdir())[:6]):
-        shutil.copy(src, data / "test" / f"z{5 - i}{src.suffix}")
-        test_ids.append(f"z{5 - i}")
+    test_ids = [f"z{5 - i}" for i in range(6)]  # not sorted: the submission must keep test.csv order
+    copy_with_test_split(small_competition, data, test_ids)
     (data / "test.csv").write_text("image_id\n" + "\n".join(test_ids) + "\n")
     workdir = tmp / "run"
     done = subprocess.run(

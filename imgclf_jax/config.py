@@ -27,6 +27,8 @@ PADDINGS = ("same", "valid")
 OPTIMIZERS = ("keras_adam", "adam", "adamw")
 SCHEDULES = ("constant", "exponential_decay")
 MONITORS = ("", "val_loss", "val_accuracy")
+MAPPINGS = ("auto", "vmap", "unroll", "map")
+VOTES = ("majority", "soft")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -92,6 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.early_stopping = ml_collections.ConfigDict()
     c.train.early_stopping.monitor = ""  # '' = off, 'val_loss' or 'val_accuracy' (Keras EarlyStopping)
     c.train.early_stopping.patience = 0  # epochs without improvement before stopping
+
+    c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
+    c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
+    c.ensemble.shared_data = False  # True: every member sees the same batches (member 0's stream)
+    # How the step maps over members: 'vmap', 'unroll' (a loop inside the compiled step),
+    # 'map' (lax.map) or 'auto' (unroll on CPU, vmap elsewhere; see imgclf_jax.ensemble.mapping).
+    c.ensemble.mapping = "auto"
+    c.ensemble.vote = "majority"  # rule for submission.csv and the confusion matrix: 'majority' or 'soft'
     return c
 
 
@@ -302,3 +312,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")
+    e = config.ensemble
+    need(e.num_members >= 1, "ensemble.num_members", ">= 1 (1 = a plain run)")
+    need(config.seed + e.num_members <= 2**32, "ensemble.num_members", "such that seed + num_members <= 2**32")
+    need(e.mapping in MAPPINGS, "ensemble.mapping", f"one of {MAPPINGS}")
+    need(e.vote in VOTES, "ensemble.vote", f"one of {VOTES}")

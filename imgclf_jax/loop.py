@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -55,6 +56,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 # What a run writes into its workdir; --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "history.json", "summary.json", "accuracy.png", "loss.png",
              "confusion_matrix.json", "confusion_matrix.png", "submission.csv", "checkpoints")
+RUN_FILE_PATTERN = re.compile(r"submission_member_\d+\.csv")  # an ensemble's per-member submissions
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
@@ -88,7 +90,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
                               "run's; choose another --workdir")
     if old is not None and overwrite:
         print(f"--overwrite: removing the previous run's files in {workdir}")
-        for name in RUN_FILES:
+        for name in RUN_FILES + tuple(sorted(n for n in os.listdir(workdir) if RUN_FILE_PATTERN.fullmatch(n))):
             target = os.path.join(workdir, name)
             if os.path.isdir(target):
                 shutil.rmtree(target)
@@ -117,30 +119,40 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
 
 @dataclasses.dataclass
 class Evaluation:
-    """Validation (or test) results over one split: mean loss, accuracy, probabilities float32[N, K]."""
+    """Results over one split: mean loss, accuracy and probabilities float32[N, C].
 
-    loss: float
-    accuracy: float
+    For an ensemble's eval step (a leading member axis K): loss and accuracy are
+    float64[K] and probabilities float32[K, N, C].
+    """
+
+    loss: float | np.ndarray
+    accuracy: float | np.ndarray
     probabilities: np.ndarray
 
     @property
     def predictions(self) -> np.ndarray:
-        """int64[N] predicted classes (argmax of the probabilities)."""
+        """int64[N] (or [K, N]) predicted classes (argmax of the probabilities)."""
         return np.argmax(self.probabilities, axis=-1)
 
 
 def evaluate(eval_step, params, split: splits.Split, config, mesh) -> Evaluation:
-    """Runs `eval_step` over every row of `split` (in order, padded batches masked out)."""
+    """Runs `eval_step` over every row of `split` (in order, padded batches masked out).
+
+    `eval_step(params, batch)` returns (metric sums, probabilities ``[..., B, C]``);
+    a leading member axis, if any, is kept in the result.
+    """
     totals = None
     probabilities = []
     for batch in pipeline.iterate(pipeline.eval_dataset(split, config), config.data.num_workers):
         metrics, probs = eval_step(params, parallel.shard_batch(batch, mesh))
         totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-        probabilities.append(np.asarray(probs)[batch["mask"]])
-    totals = jax.device_get(totals)
-    count = max(float(totals["count"]), 1.0)
-    return Evaluation(loss=float(totals["loss_sum"]) / count, accuracy=float(totals["correct"]) / count,
-                      probabilities=np.concatenate(probabilities))
+        probabilities.append(np.asarray(probs)[..., batch["mask"], :])
+    totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
+    count = np.maximum(totals["count"], 1.0)
+    loss, accuracy = totals["loss_sum"] / count, totals["correct"] / count
+    if loss.ndim == 0:
+        loss, accuracy = float(loss), float(accuracy)
+    return Evaluation(loss=loss, accuracy=accuracy, probabilities=np.concatenate(probabilities, axis=-2))
 
 
 def count_params(params) -> int:
@@ -218,7 +230,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
       ConfigError, DataError: bad config or data (before any training step).
       TrainingError: a NaN or infinite training loss, naming the step (the checkpoints stay intact).
       Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
+
+    A config with ``ensemble.num_members > 1`` is an ensemble job
+    (:func:`imgclf_jax.ensemble.loop.train_ensemble`).
     """
+    if config.ensemble.num_members > 1:
+        from imgclf_jax.ensemble.loop import train_ensemble
+
+        return train_ensemble(config, workdir, overwrite)
     check_workdir(workdir, config, overwrite)
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
     data = splits.load_run_data(config.data)
@@ -265,8 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
     with InterruptGuard() as guard:
         while progress.epoch < config.train.num_epochs and not stopper.stopped:
             epoch = progress.epoch
-            state, finished = _train_epoch(state, train, train_step, dropout_key, mesh, progress, guard,
-                                           config, workdir)
+            state, finished = run_epoch(
+                state, train, lambda st, batch: train_step(st, batch, dropout_key),
+                lambda batch: parallel.shard_batch(batch, mesh), progress, guard, config.train.num_epochs,
+                _accumulate_run(progress, workdir))
             if not finished:
                 save()
                 checkpoints.close()
@@ -323,17 +344,38 @@ def _check_finite(metrics, global_step: int, epoch: int, batch: int, workdir: st
     return values
 
 
-def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress, guard: InterruptGuard,
-                 config, workdir) -> tuple[steps.TrainState, bool]:
+def _accumulate_run(progress: Progress, workdir: str):
+    """A plain run's step-metrics handler for :func:`run_epoch`: NaN check, then the epoch's sums."""
+
+    def accumulate(metrics, global_step: int, batch_index: int) -> dict:
+        values = _check_finite(metrics, global_step, progress.epoch, batch_index, workdir)
+        for key in progress.totals:
+            progress.totals[key] += values[key]
+        t = progress.totals
+        return {"loss": f"{t['loss_sum'] / t['count']:.4f}", "acc": f"{t['correct'] / t['count']:.4f}"}
+
+    return accumulate
+
+
+def run_epoch(state, train, run_step, shard, progress: Progress, guard: InterruptGuard, num_epochs: int,
+              accumulate) -> tuple[object, bool]:
     """Runs the rest of epoch `progress.epoch` from batch `progress.batch`, updating `progress`.
 
-    Each step's metrics are read one step late (so the device stays busy) and
-    checked for NaN. Returns (state, True when the epoch is complete; False when
-    interrupted: then `progress` points at the next batch to run).
+    Args:
+      state: the train state (any pytree with a ``step``-carrying leaf the step donates).
+      train: the TrainPipeline.
+      run_step: ``(state, device batch) -> (state, device metrics)``.
+      shard: host batch -> device batch.
+      accumulate: ``(device metrics, global step (1-based), batch index) -> progress-bar fields``;
+        adds the step to ``progress.totals`` and raises to stop the run.
+
+    Each step's metrics are read one step late (so the device stays busy).
+    Returns (state, True when the epoch is complete; False when interrupted:
+    then `progress` points at the next batch to run).
     """
     epoch, first = progress.epoch, progress.batch
     steps_per_epoch = train.steps_per_epoch
-    bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{config.train.num_epochs}",
+    bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{num_epochs}",
                dynamic_ncols=True, leave=False,
                mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
     started = time.perf_counter()
@@ -342,25 +384,21 @@ def _train_epoch(state, train, train_step, dropout_key, mesh, progress: Progress
 
     def absorb(item) -> None:
         batch_index, device_metrics = item
-        values = _check_finite(device_metrics, epoch * steps_per_epoch + batch_index + 1, epoch, batch_index,
-                               workdir)
-        for key in progress.totals:
-            progress.totals[key] += values[key]
+        postfix = accumulate(device_metrics, epoch * steps_per_epoch + batch_index + 1, batch_index)
         progress.batch = batch_index + 1
-        t = progress.totals
-        bar.set_postfix(loss=f"{t['loss_sum'] / t['count']:.4f}", acc=f"{t['correct'] / t['count']:.4f}",
-                        refresh=False)
+        bar.set_postfix(**postfix, refresh=False)
 
     iterator = train.batches(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch)
     try:
         for i, batch in enumerate(iterator, start=first):
-            state, metrics = train_step(state, parallel.shard_batch(batch, mesh), dropout_key)
-            real = int(batch["mask"].sum())
+            state, metrics = run_step(state, shard(batch))
+            mask = batch["mask"]
+            real = int(mask.reshape(-1, mask.shape[-1])[0].sum())  # images of one (member's) stream
             if pending is not None:
                 absorb(pending)
             pending = (i, metrics)
             if steady_start is None:
-                jax.block_until_ready(state.step)  # compilation and warm-up stay out of the timing
+                jax.block_until_ready(state)  # compilation and warm-up stay out of the timing
                 steady_start = time.perf_counter()
             else:
                 steady_images += real

@@ -64,6 +64,39 @@ def plot_curves(history: list[dict], workdir: str) -> None:
         plt.close(fig)
 
 
+def plot_member_curves(history: list[dict], workdir: str) -> None:
+    """An ensemble's accuracy.png and loss.png: every member's train (dashed) and validation (solid) curve.
+
+    accuracy.png also shows the majority and soft vote validation accuracies
+    (thick lines). `history` is an ensemble history (member metrics as lists).
+    """
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    k = len(history[0]["val_accuracy"])
+    colors = plt.get_cmap("tab10")
+    for metric, name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for i in range(k):
+            color = colors(i % 10)
+            for split, style in (("train", "--"), ("val", "-")):
+                values = [h[f"{split}_{metric}"][i] for h in history]
+                values = [float("nan") if v is None else v for v in values]
+                ax.plot(epochs, values, style, color=color, alpha=0.8, lw=1,
+                        label=f"member {i}" if split == "val" else None)
+        if metric == "accuracy":
+            for rule, color in (("majority", "black"), ("soft", "dimgray")):
+                ax.plot(epochs, [h[f"{rule}_val_accuracy"] for h in history], "o-", color=color, lw=2.5,
+                        label=f"{rule} vote (validation)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} per epoch, {k} members (dashed: train, solid: validation)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.path.join(workdir, name), dpi=100)
+        plt.close(fig)
+
+
 def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str) -> None:
     """Writes confusion_matrix.json (counts) and confusion_matrix.png."""
     write_json(os.path.join(workdir, "confusion_matrix.json"), {

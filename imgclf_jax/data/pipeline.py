@@ -212,7 +212,7 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
 
 
 def train_pipeline(
-    split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None
+    split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None, seed: int | None = None
 ) -> TrainPipeline:
     """Builds the training pipeline from a run's config (sections data, augment, train; key seed).
 
@@ -220,12 +220,13 @@ def train_pipeline(
       split: the training rows.
       config: the run config.
       num_epochs: epochs to cover (default train.num_epochs).
+      seed: the data order and augmentation seed (default config.seed).
     """
     num_epochs = num_epochs or config.train.num_epochs
     batch_size = config.train.batch_size
     resampled = resampled_positions(split.labels, tuple(config.data.class_repeats))
     steps = math.ceil(len(resampled) / batch_size)
-    shuffle_seed, augment_seed = _seeds(config.seed)
+    shuffle_seed, augment_seed = _seeds(config.seed if seed is None else seed)
     shuffled = grain.MapDataset.range(len(resampled)).shuffle(seed=shuffle_seed)
     params = AugmentParams(**config.augment.to_dict())
     rows = grain.MapDataset.range(num_epochs * steps * batch_size)
@@ -235,6 +236,33 @@ def train_pipeline(
         ds = ds.random_map(_Augment(params), seed=augment_seed)
     ds = ds.map(_finish).batch(batch_size)
     return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StackMembers:
+    """Global batch j -> every member's batch j stacked on a leading member axis."""
+
+    datasets: tuple
+
+    def __call__(self, index: int) -> dict:
+        batches = [ds[int(index)] for ds in self.datasets]
+        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+
+def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, seeds: list[int],
+                            num_epochs: int | None = None) -> TrainPipeline:
+    """K members' training batches in one stream: batch j holds member i's batch j of seed ``seeds[i]``.
+
+    Each member's batches are exactly those of ``train_pipeline(split, config, seed=seeds[i])``
+    (its own order and augmentation), stacked: ``image float32[K, B, H, W, 3]``,
+    ``label int32[K, B]``, ``mask bool[K, B]``, ``row int32[K, B]``. Every member has
+    the same steps per epoch (same rows, same resampling), so padding lines up.
+    ``rows`` and ``epoch_rows`` are member 0's.
+    """
+    members = [train_pipeline(split, config, num_epochs, seed=s) for s in seeds]
+    stacked = grain.MapDataset.range(len(members[0].dataset)).map(
+        _StackMembers(tuple(m.dataset for m in members)))
+    return dataclasses.replace(members[0], dataset=stacked)
 
 
 def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None):

@@ -1,0 +1,127 @@
+"""K members' train and eval steps as one compiled step (state stacked on a leading member axis).
+
+Member i is exactly a plain run with seed ``seed + i`` (:func:`member_keys`):
+the same init key, the same dropout key, and (unless the data is shared) its
+own batches. Shapes, with K members and batch size B::
+
+  EnsembleState.members: steps.TrainState with every leaf [K, ...]
+  EnsembleState.active:  bool[K]   members that still train
+  batch (own data):      image float32[K, B, H, W, 3], label int32[K, B], mask bool[K, B]
+  batch (shared data):   image float32[B, H, W, 3], ... (one stream for all members)
+  keys:                  key[K] dropout keys
+
+A member stops updating when it is made inactive (early stopping, decided on
+the host between epochs) or, inside the step, when its loss or its new params
+are not finite: then it keeps the params and optimizer state from before that
+step and ``active`` turns False, so a NaN freezes one member and the others go on.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imgclf_jax import parallel, steps
+from imgclf_jax.ensemble.mapping import map_members
+
+
+@flax.struct.dataclass
+class EnsembleState:
+    """Stacked member states and which members still train (see the module docstring)."""
+
+    members: steps.TrainState
+    active: jax.Array
+
+
+def member_seeds(seed: int, num_members: int) -> list[int]:
+    """Member i's run seed: ``seed + i`` (what K separate runs with consecutive seeds use)."""
+    return [seed + i for i in range(num_members)]
+
+
+def member_keys(seed: int, num_members: int) -> tuple[jax.Array, jax.Array]:
+    """(init keys key[K], dropout keys key[K]): per member, ``split(key(seed + i))`` as a plain run does."""
+    pairs = [jax.random.split(jax.random.key(s)) for s in member_seeds(seed, num_members)]
+    return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
+
+
+def _select(mask: jax.Array, new: Any, old: Any) -> Any:
+    """Per member, `new` where mask[i] else `old` (leaves [K, ...])."""
+    return jax.tree.map(lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
+
+
+def _all_finite(params: Any) -> jax.Array:
+    """bool[K]: whether every value of member i's params is finite."""
+    flags = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in jax.tree.leaves(params)]
+    return functools.reduce(jnp.logical_and, flags)
+
+
+def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, model, tx, l2: float,
+                        mode: str, shared_data: bool) -> tuple[EnsembleState, dict]:
+    """One optimizer update of every active member.
+
+    Returns:
+      (new state, metrics with float32[K] sums ``loss_sum``, ``correct``, ``count``, and bool[K]
+      ``updated`` (the member took this step), ``finite`` (its loss and new params are finite) and
+      ``nan`` (it was active and is now frozen by a non-finite value)).
+      Members that did not update report their metrics but must not be counted (``updated`` False).
+    """
+    num_members = state.active.shape[0]
+    step_fn = functools.partial(steps.train_step, model=model, tx=tx, l2=l2)
+    mapped = map_members(step_fn, mode, num_members, (0, None if shared_data else 0, 0))
+    new, metrics = mapped(state.members, batch, keys)
+    finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite(new.params)
+    updated = state.active & finite
+    members = _select(updated, new, state.members)
+    nan = state.active & ~finite
+    return EnsembleState(members=members, active=updated), dict(metrics, updated=updated, finite=finite, nan=nan)
+
+
+def ensemble_eval_step(params: Any, batch: dict, *, model, l2: float, mode: str) -> tuple[dict, jax.Array]:
+    """Every member on one shared batch (dropout off).
+
+    Returns:
+      (metrics with float32[K] sums as in :func:`imgclf_jax.steps.eval_step`,
+      ``float32[K, B, num_classes]`` softmax probabilities).
+    """
+    num_members = jax.tree.leaves(params)[0].shape[0]
+    step_fn = functools.partial(steps.eval_step, model=model, l2=l2)
+    return map_members(step_fn, mode, num_members, (0, None))(params, batch)
+
+
+def member_batch_sharded(mesh) -> NamedSharding:
+    """Sharding of a stacked batch ``[K, B, ...]``: members whole, the batch axis split over 'data'."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def jit_train_step(model, tx, l2: float, mesh, mode: str, shared_data: bool) -> Callable:
+    """:func:`ensemble_train_step` compiled over `mesh`: state replicated and donated, batch split on B."""
+    rep = parallel.replicated(mesh)
+    split = parallel.batch_sharded(mesh) if shared_data else member_batch_sharded(mesh)
+
+    def step(state, batch, keys):
+        return ensemble_train_step(state, batch, keys, model=model, tx=tx, l2=l2, mode=mode,
+                                   shared_data=shared_data)
+
+    return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def jit_eval_step(model, l2: float, mesh, mode: str) -> Callable:
+    """:func:`ensemble_eval_step` compiled over `mesh`: probabilities ``[K, B, C]`` split on B."""
+    rep = parallel.replicated(mesh)
+
+    def step(params, batch):
+        return ensemble_eval_step(params, batch, model=model, l2=l2, mode=mode)
+
+    return jax.jit(step, in_shardings=(rep, parallel.batch_sharded(mesh)),
+                   out_shardings=(rep, member_batch_sharded(mesh)))
+
+
+def create_ensemble_state(model, tx, init_keys: jax.Array, image_size: int) -> EnsembleState:
+    """Member i initialized from ``init_keys[i]`` exactly as a plain run; all members active."""
+    members = jax.vmap(lambda key: steps.create_train_state(model, tx, key, image_size))(init_keys)
+    return EnsembleState(members=members, active=jnp.ones(init_keys.shape[0], bool))

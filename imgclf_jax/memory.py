@@ -1,0 +1,122 @@
+"""Memory a training run needs, known before it runs: per member, from XLA's own analysis of the step.
+
+:func:`member_memory` lowers and compiles one member's train step on abstract
+shapes (nothing is allocated or run; a second or two) and reads XLA's
+``memory_analysis()``: the params, the optimizer state (Adam: two moments, the
+size of the params each) and the step's temporaries (activations kept for the
+backward pass, gradients and workspace) at the per-device batch.
+
+An ensemble of K members needs about K times one member plus, when early
+stopping restores the best weights, a copy of each member's params
+(:func:`ensemble_need_bytes`). That is an upper estimate for the 'unroll'
+mapping, where XLA may reuse one member's temporaries for the next.
+:func:`check_fits` compares it with what the backend has: each device's free
+memory where it reports one (GPU), else the host's available RAM (CPU, where
+forced host devices share that RAM).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from imgclf_jax import steps
+from imgclf_jax.errors import ConfigError
+
+GIB = 2.0**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemberMemory:
+    """Bytes one member's training needs on one device (float32 everything).
+
+    params: the parameters; opt_state: the optimizer state (Adam: 2 x params plus a counter);
+    temp: the train step's temporaries at `batch` images per device (activations, gradients).
+    """
+
+    params: int
+    opt_state: int
+    temp: int
+    batch: int
+
+    @property
+    def total(self) -> int:
+        """params + opt_state + temp."""
+        return self.params + self.opt_state + self.temp
+
+    def as_dict(self) -> dict:
+        """The fields and the total, in bytes."""
+        return dict(dataclasses.asdict(self), total=self.total)
+
+
+def _nbytes(tree) -> int:
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) -> MemberMemory:
+    """One member's memory on one device at `batch_per_device` images (see the module docstring)."""
+    state = jax.eval_shape(lambda key: steps.create_train_state(model, tx, key, image_size),
+                           jax.random.key(0))
+    batch = {
+        "image": jax.ShapeDtypeStruct((batch_per_device, image_size, image_size, 3), jnp.float32),
+        "label": jax.ShapeDtypeStruct((batch_per_device,), jnp.int32),
+        "mask": jax.ShapeDtypeStruct((batch_per_device,), jnp.bool_),
+    }
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=l2), donate_argnums=(0,))
+    analysis = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+    temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+    return MemberMemory(params=_nbytes(state.params), opt_state=_nbytes(state.opt_state), temp=temp,
+                        batch=batch_per_device)
+
+
+def ensemble_need_bytes(member: MemberMemory, num_members: int, keeps_best: bool) -> int:
+    """Bytes per device for `num_members` members (plus each member's best params when `keeps_best`)."""
+    return num_members * (member.total + (member.params if keeps_best else 0))
+
+
+def available_bytes(devices) -> tuple[int | None, str]:
+    """(bytes free to one device, what was measured); None when nothing can be measured.
+
+    GPU/TPU: the smallest ``bytes_limit - bytes_in_use`` over `devices`. CPU: the
+    host's MemAvailable (/proc/meminfo) divided by the number of devices, which share it.
+    """
+    stats = [d.memory_stats() for d in devices]
+    if all(s and "bytes_limit" in s for s in stats):
+        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return int(free), f"free memory of {devices[0].platform} device"
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        host = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None, "unknown"
+    return host // len(devices), f"available host RAM / {len(devices)} device(s)"
+
+
+def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices) -> dict:
+    """Raises ConfigError when `num_members` members cannot fit; returns the figures otherwise.
+
+    Raises:
+      ConfigError: the estimate (:func:`ensemble_need_bytes`) exceeds what :func:`available_bytes` reports;
+        the message gives the per-member figures and the largest K that fits.
+    """
+    need = ensemble_need_bytes(member, num_members, keeps_best)
+    free, what = available_bytes(devices)
+    figures = {"member": member.as_dict(), "num_members": num_members, "need_bytes": need,
+               "available_bytes": free, "available": what}
+    if free is not None and need > free:
+        per = ensemble_need_bytes(member, 1, keeps_best)
+        raise ConfigError(
+            f"ensemble.num_members={num_members} needs about {need / GIB:.2f} GiB per device "
+            f"({per / GIB:.2f} GiB per member: params {member.params / GIB:.2f}, optimizer state "
+            f"{member.opt_state / GIB:.2f}, step temporaries at batch {member.batch} {member.temp / GIB:.2f}"
+            f"{', best params copy' if keeps_best else ''}) but only {free / GIB:.2f} GiB is free ({what}); "
+            f"use ensemble.num_members <= {max(free // per, 0)} or a smaller train.batch_size")
+    return figures

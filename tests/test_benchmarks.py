@@ -1,0 +1,105 @@
+"""The benchmarks: row shapes, the matmul probe, the profile's shapes; Keras twins when Keras is installed."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import machine, profile_step, train_step
+from imgclf_jax.config import load_config_file
+from imgclf_jax.models import create_model
+from imgclf_jax.summary import count_flops, param_counts
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE = ["ml1", "ml2", "ml4", "ml5", "ml6"]
+
+
+def test_matmul_probe_measures_a_positive_rate():
+    probe = machine.matmul_gflops(size=128, repeats=2)
+    assert probe["matmul_gflops_per_s"] > 0 and probe["matmul_size"] == 128
+
+
+def test_train_step_row_of_imgclf_jax_in_process():
+    settings = {"steps": 2, "repeats": 1, "warmup": 1, "batch": 8, "image_size": 32, "repeat_seconds": 1.0}
+    row = train_step.derive(train_step.measure_row("ml1", "imgclf_jax", settings), machine_gflops=100.0)
+    config = load_config_file(str(ROOT / "configs" / "ml1.py"))
+    assert row["params"] == sum(param_counts(create_model(config.model, 5), 32).values())
+    assert row["images_per_s"] > 0 and row["host_peak_rss_bytes"] > 0
+    assert row["train_flops_per_image"] == 3 * count_flops(config.model, 32, 5)
+    assert row["gflops_per_s"] == pytest.approx(row["images_per_s"] * row["train_flops_per_image"] / 1e9)
+    assert row["fraction_of_machine"] == pytest.approx(row["gflops_per_s"] / 100.0)
+    assert (row["steps"], row["repeats"], row["batch"]) == (2, 1, 8)
+
+
+def test_cli_prints_one_json_line_per_row_and_skips_missing_keras():
+    missing = [f for f, module in (("keras-tensorflow", "tensorflow"), ("keras-jax", "keras"))
+               if importlib.util.find_spec(module) is None]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.train_step", "--models=ml1",
+         "--frameworks=" + ",".join(["imgclf_jax", *missing]), "--steps=2", "--repeats=1", "--warmup=0",
+         "--batch=4", "--image_size=32", "--no_probe"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["framework"] for r in rows] == ["imgclf_jax", *missing]
+    assert rows[0]["images_per_s"] > 0 and rows[0]["model"] == "ml1" and rows[0]["gflops_per_s"] > 0
+    for row in rows[1:]:
+        assert row["images_per_s"] is None and "pip install '.[bench]'" in row["skipped"]
+
+
+def test_unknown_model_or_framework_is_one_line():
+    for flag in ("--models=ml9", "--frameworks=pytorch"):
+        done = subprocess.run([sys.executable, "-m", "benchmarks.train_step", flag, "--no_probe"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_profile_shapes_follow_the_model():
+    config = load_config_file(str(ROOT / "configs" / "ml1.py"))
+    convs = profile_step.conv_shapes(config.model, 128, 5)
+    assert [(c.name, c.input_hwc, c.output_hw, c.needs_input_gradient) for c in convs] == [
+        ("conv_0", (128, 128, 3), (126, 126), False),
+        ("conv_1", (63, 63, 32), (61, 61), True),
+        ("conv_2", (30, 30, 64), (28, 28), True)]
+    pools = profile_step.pool_shapes(config.model, 128, 5)
+    assert [(p.name, p.input_hwc) for p in pools] == [
+        ("pool_0", (126, 126, 32)), ("pool_1", (61, 61, 64)), ("pool_2", (28, 28, 128))]
+    assert profile_step.dense_shapes(config.model, 128, 5) == [("dense_0", 14 * 14 * 128, 256),
+                                                               ("logits", 256, 5)]
+    six = load_config_file(str(ROOT / "configs" / "ml6.py"))
+    side = profile_step.conv_shapes(six.model, 128, 5)[-1]
+    assert (side.name, side.input_hwc, side.kernel, side.needs_input_gradient) == (
+        "side_conv", (128, 128, 3), 5, False)
+
+
+def test_trace_finds_the_max_pool_gradient_of_a_small_step():
+    config = load_config_file(str(ROOT / "configs" / "ml1.py"))
+    rows = profile_step.profile_trace(config, batch=4, image_size=32)
+    shares = rows[-1]["share"]
+    assert rows[-1]["part"] == "trace_share" and sum(shares.values()) == pytest.approx(1.0)
+    assert "max_pool_gradient" in shares and "conv_dot_forward" in shares
+
+
+def test_input_pipeline_on_synthetic_images():
+    from benchmarks import input_pipeline
+
+    config = load_config_file(str(ROOT / "configs" / "ml6.py"))
+    config.data.image_size = 32
+    row = input_pipeline.pipeline_rate(input_pipeline.synthetic_split(200), config, workers=0, batches=2,
+                                       warmup=1)
+    assert row["images_per_s"] > 0 and row["batches"] == 2
+
+
+@pytest.mark.parametrize("name", REFERENCE)
+def test_keras_twin_has_our_parameter_count(name):
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    pytest.importorskip("keras")
+    from benchmarks import keras_models
+
+    config = load_config_file(str(ROOT / "configs" / f"{name}.py"))
+    ours = sum(param_counts(create_model(config.model, 5), 128).values())
+    assert keras_models.build(config.model, 5, 128).count_params() == ours

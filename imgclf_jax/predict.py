@@ -6,6 +6,10 @@ the folder beside the CSV named after it, e.g. ``test.csv`` -> ``test/``), whose
 row order the output keeps. Writes ``image_id,label`` (Kaggle submission
 format) with the run's result weights.
 
+An ensemble run (``ensemble.num_members`` > 1) predicts with every member and
+writes the run's vote (``ensemble.vote``: majority, ties by summed
+probabilities, or soft), as its own submission.csv does.
+
 Images are read exactly as training's evaluation reads them (Pillow to 8-bit
 RGB, resize to ``data.image_size`` with ``data.resize_method``, scale to
 [0, 1], no augmentation), through the same eval pipeline and eval step, so
@@ -69,7 +73,9 @@ def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str
 
 
 def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | None = None) -> np.ndarray:
-    """Class probabilities ``float32[N, K]`` of the images at `paths` with the run's result weights.
+    """Class probabilities of the images at `paths` with the run's result weights.
+
+    Returns ``float32[N, C]``, or ``float32[K, N, C]`` (one row per member) for a K-member ensemble run.
 
     Raises:
       ConfigError: `workdir` holds no finished run (no config.json or result checkpoint).
@@ -89,16 +95,39 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
         config = ml_collections.ConfigDict(json.load(f))
     if batch_size:
         config.train.batch_size = batch_size
-    num_classes = checkpoints.result_metadata()["num_classes"]
-    model = create_model(config.model, num_classes)
+    metadata = checkpoints.result_metadata()
+    num_members = metadata.get("num_members", 1)
+    model = create_model(config.model, metadata["num_classes"])
     mesh = parallel.make_mesh(config.train.batch_size)
-    abstract = jax.eval_shape(lambda: steps.init_params(model, jax.random.key(0), config.data.image_size))
+
+    def init(key):
+        return steps.init_params(model, key, config.data.image_size)
+
+    keys = jax.random.split(jax.random.key(0), num_members)
+    abstract = jax.eval_shape(jax.vmap(init) if num_members > 1 else init, keys if num_members > 1 else keys[0])
     params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)))
     checkpoints.close()
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
-    eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
+    if num_members > 1:
+        from imgclf_jax.ensemble import mapping, steps as ens_steps
+
+        mode = mapping.resolve_mapping(config.ensemble.mapping)
+        eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
+    else:
+        eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
     return loop.evaluate(eval_step, params, split, config, mesh).probabilities
+
+
+def predict_labels(workdir: str, probabilities: np.ndarray) -> np.ndarray:
+    """int64[N] labels: the argmax, or for an ensemble's ``[K, N, C]`` the run's ``ensemble.vote`` rule."""
+    if probabilities.ndim == 2:
+        return np.argmax(probabilities, axis=-1)
+    from imgclf_jax.ensemble.voting import vote
+
+    with open(os.path.join(workdir, "config.json")) as f:
+        rule = json.load(f).get("ensemble", {}).get("vote", "majority")
+    return vote(probabilities, rule)
 
 
 def main(argv: list[str]) -> int:
@@ -116,7 +145,7 @@ def main(argv: list[str]) -> int:
     probabilities = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 
-    write_submission(values["out"], ids, np.argmax(probabilities, axis=-1))
+    write_submission(values["out"], ids, predict_labels(values["workdir"], probabilities))
     print(f"wrote {values['out']} ({len(ids)} predictions)")
     return 0
 

@@ -205,3 +205,44 @@ def test_config_rejects_bad_ensemble_settings():
     with pytest.raises(ConfigError, match="ensemble.num_members"):
         config_lib.validate(c)
 
+
+
+def test_test_split_gives_voted_and_per_member_submissions_and_predict_reproduces_them(small_competition,
+                                                                                       tmp_path):
+    import collections
+    import subprocess
+    import sys
+
+    from conftest import copy_with_test_split
+
+    data = tmp_path / "data"
+    test_ids = [f"t{i}" for i in range(9)]
+    copy_with_test_split(small_competition, data, test_ids)
+    (data / "test.csv").write_text("image_id\n" + "\n".join(test_ids) + "\n")
+    c = small_config(data, str(tmp_path / "cache"), num_members=3)
+    c.train.num_epochs = 2
+    workdir = tmp_path / "ens"
+    loop.train_and_evaluate(c, str(workdir))
+
+    def labels(path):
+        rows = (workdir / path).read_text().splitlines()
+        assert rows[0] == "image_id,label" and [r.split(",")[0] for r in rows[1:]] == test_ids
+        return [int(r.split(",")[1]) for r in rows[1:]]
+
+    voted = labels("submission.csv")
+    members = [labels(f"submission_member_{i}.csv") for i in range(3)]
+    for n, label in enumerate(voted):
+        top, count = collections.Counter(m[n] for m in members).most_common(1)[0]
+        if count >= 2:
+            assert label == top  # a majority decides; only 1-1-1 ties go to the summed probabilities
+    out = tmp_path / "predicted.csv"
+    done = subprocess.run([sys.executable, "-m", "imgclf_jax.predict", "--workdir", str(workdir), "--images",
+                           str(data / "test.csv"), "--out", str(out)],
+                          cwd=pathlib.Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_text() == (workdir / "submission.csv").read_text()
+    # --overwrite removes the ensemble's own files, per-member submissions included.
+    (workdir / "notes.txt").write_text("mine")
+    loop.check_workdir(str(workdir), c, overwrite=True)
+    assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]

@@ -13,10 +13,11 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def command(workdir, cache, epochs=3):
+def command(workdir, cache, epochs=3, members=1):
     return [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py",
             f"--config.train.num_epochs={epochs}", "--config.data.max_train_examples=600",
-            f"--config.data.cache_dir={cache}", "--workdir", str(workdir)]
+            f"--config.data.cache_dir={cache}", f"--config.ensemble.num_members={members}",
+            "--workdir", str(workdir)]
 
 
 def history(workdir):
@@ -28,12 +29,17 @@ def without_seconds(entries):
     return [{k: v for k, v in e.items() if k != "seconds"} for e in entries]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def uninterrupted(tmp_path_factory, members):
     tmp = tmp_path_factory.mktemp("reference")
-    done = subprocess.run(command(tmp / "run", tmp / "cache"), cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(command(tmp / "run", tmp / "cache", members=members), cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return history(tmp / "run"), tmp / "cache"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted(tmp_path_factory, members=1)
 
 
 def start_and_wait(cmd, until, timeout=300, **popen_kwargs):
@@ -88,3 +94,16 @@ def test_ctrl_c_to_the_process_group_with_data_workers_exits_cleanly(reference, 
     assert process.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "checkpoint saved" in err
     rerun_and_compare(cmd, workdir, expected)  # workers change nothing either
+
+
+def test_an_ensemble_interrupted_mid_epoch_resumes_exactly(tmp_path_factory, tmp_path):
+    expected, cache = uninterrupted(tmp_path_factory, members=3)
+    workdir = tmp_path / "run"
+    cmd = command(workdir, cache, members=3)
+    process = start_and_wait(cmd, lambda: len(history(workdir)) >= 1)
+    time.sleep(0.5)  # inside epoch 2 (or its evaluation)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert len(history(workdir)) < 3
+    rerun_and_compare(cmd, workdir, expected)

@@ -22,10 +22,10 @@ Default: real when ``--data_dir`` holds a ``train.csv``, else synthetic (said on
 Prints JSON lines: one ``"benchmark": "input_pipeline"`` row per worker count
 (``images_per_s`` over ``--batches`` batches after ``--warmup_batches``, and
 ``startup_seconds`` to the first batch; the warm-up outlasts grain's prefetch
-buffer of 4 batches, so the timed batches are produced while they are timed); then, unless ``--no_train_step``, the
-train step's rate for the same config (a ``benchmarks.train_step`` row of
-imgclf_jax, measured in a subprocess after the pipeline runs, so the two do
-not compete for the CPU); and a ``"part": "summary"`` row with each count's
+buffer of 4 batches, so the timed batches are produced while they are timed);
+then, unless ``--no_train_step``, the train step's rate for the same config
+(a ``benchmarks.train_step`` row of imgclf_jax, measured in a subprocess after
+the pipeline runs, so the two do not compete for the CPU); and a ``"part": "summary"`` row with each count's
 ``pipeline / train step`` ratio and the fewest workers that keep up.
 """
 
@@ -150,8 +150,8 @@ def main(argv: list[str]) -> int:
     rows = []
     for count in workers:
         print(f"input_pipeline: {count} workers ...", file=sys.stderr, flush=True)
-        rows.append({**common, **pipeline_rate(split, config, count, values["batches"] or 30,
-                                               8 if values["warmup_batches"] is None else values["warmup_batches"])})
+        warmup = 8 if values["warmup_batches"] is None else values["warmup_batches"]
+        rows.append({**common, **pipeline_rate(split, config, count, values["batches"] or 30, warmup)})
         print(json.dumps(rows[-1]), flush=True)
     if values["no_train_step"]:
         return 0

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import platform
-import sys
 
 from benchmarks import measure
 from imgclf_jax import cli

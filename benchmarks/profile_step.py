@@ -281,7 +281,8 @@ def summarize(rows: list[dict], machine_gflops: float) -> dict:
     total = step["train_step"]
 
     def seconds(part, op):
-        return sum(r["seconds"] for r in rows if r["part"] == part and r["op"] == op and r.get("needed", True))
+        return sum(r["seconds"] for r in rows
+                   if r["part"] == part and r["op"] == op and r.get("needed", True))
 
     parts = {
         "conv_forward": seconds("conv", "forward"),
@@ -294,7 +295,8 @@ def summarize(rows: list[dict], machine_gflops: float) -> dict:
     }
     parts["rest"] = total - sum(parts.values())
     return {"benchmark": "profile_step", "part": "summary", "train_step_seconds": total,
-            "forward_seconds": step["forward"], "backward_seconds": step["forward_backward"] - step["forward"],
+            "forward_seconds": step["forward"],
+            "backward_seconds": step["forward_backward"] - step["forward"],
             "seconds": parts, "fraction_of_step": {k: v / total for k, v in parts.items()},
             "trace_share": next((r["share"] for r in rows if r["part"] == "trace_share"), None),
             "machine_gflops_per_s": machine_gflops}
@@ -316,7 +318,8 @@ def main(argv: list[str]) -> int:
     for what, run in (
         ("whole step", lambda: profile_phases(config, batch, image_size, repeats)),
         ("convs", lambda: profile_convs(convs, batch, repeats)),
-        ("pooling", lambda: profile_pools(pool_shapes(config.model, image_size, NUM_CLASSES), batch, repeats)),
+        ("pooling", lambda: profile_pools(pool_shapes(config.model, image_size, NUM_CLASSES),
+                                          batch, repeats)),
         ("dense layers", lambda: profile_dense(dense_shapes(config.model, image_size, NUM_CLASSES),
                                                batch, repeats)),
         ("profiler trace of the step", lambda: profile_trace(config, batch, image_size)),

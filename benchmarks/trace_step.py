@@ -8,7 +8,8 @@ kind of work from the HLO text (what its fused computation contains and the
 JAX operation it came from, the ``op_name`` metadata):
 
 - ``conv_dot_forward`` / ``conv_dot_gradient``: fusions holding a convolution
-  or a dot (on CPU, XLA's YNNPACK fusions), forward when they come from the
+  or a dot (on CPU, XLA's YNNPACK fusions) and library calls for them (on GPU,
+  cuDNN convolutions and cuBLAS GEMMs), forward when they come from the
   forward pass (``jvp(...)`` without ``transpose(``);
 - ``max_pool_gradient``: ``select_and_scatter`` and the pieces XLA:CPU expands
   it into (iotas of element indices, a variadic reduce-window that tracks the
@@ -33,14 +34,15 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
     """Parses optimized HLO text.
 
     Returns:
-      (entry: ``{instruction name: {"opcode", "shape", "calls", "op_name"}}`` of the ENTRY
-      computation, computations: ``{computation name: set of opcodes in it}``).
+      (entry: ``{instruction name: {"opcode", "shape", "calls", "op_name", "target", "config"}}``
+      of the ENTRY computation, computations: ``{computation name: set of opcodes in it}``).
     """
     entry, computations = {}, collections.defaultdict(set)
     current, in_entry = None, False
@@ -55,10 +57,12 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
         name, shape, opcode, rest = m.groups()
         computations[current].add(opcode)
         if in_entry:
-            calls, op_name = _CALLS.search(rest), _OP_NAME.search(rest)
+            calls, op_name, target = _CALLS.search(rest), _OP_NAME.search(rest), _TARGET.search(rest)
             entry[name] = {"opcode": opcode, "shape": shape,
                            "calls": calls.group(1) if calls else None,
-                           "op_name": op_name.group(1) if op_name else ""}
+                           "op_name": op_name.group(1) if op_name else "",
+                           "target": target.group(1) if target else "",
+                           "config": "__ynn_fusion" if "__ynn_fusion" in rest else ""}
     return entry, dict(computations)
 
 
@@ -73,7 +77,8 @@ def categorize(op: dict, computations: dict) -> str:
         return "max_pool_gradient"
     if "reduce-window" in inside:
         return "max_pool_gradient" if "s32[" in op["shape"] else "pool_forward"
-    if "convolution" in inside or "dot" in inside or "__ynn_fusion" in op.get("config", ""):
+    library_call = any(word in op["target"].lower() for word in ("conv", "gemm", "cublas", "matmul"))
+    if "convolution" in inside or "dot" in inside or op["config"] or library_call:
         return "conv_dot_gradient" if backward else "conv_dot_forward"
     if inside <= {"transpose", "copy", "bitcast", "fusion", "parameter"} or "transpose" in op["opcode"]:
         return "layout"
@@ -90,10 +95,6 @@ def trace_ops(compiled_call: Callable[[], object], hlo_text: str, steps: int = 3
     import jax
 
     entry, computations = parse_hlo(hlo_text)
-    for line in hlo_text.splitlines():  # YNNPACK fusions say so only in their backend config
-        m = _INSTRUCTION.match(line)
-        if m and m.group(1) in entry and "__ynn_fusion" in line:
-            entry[m.group(1)]["config"] = "__ynn_fusion"
     compiled_call()
     with tempfile.TemporaryDirectory() as folder:
         jax.profiler.start_trace(folder)

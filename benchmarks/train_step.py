@@ -42,13 +42,10 @@ import pathlib
 import subprocess
 import sys
 import tempfile
-from typing import Any
 
 from imgclf_jax import cli
 from imgclf_jax import config as config_lib
 from imgclf_jax.errors import ConfigError
-
-from benchmarks import flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("imgclf_jax", "keras-tensorflow", "keras-jax")
@@ -59,6 +56,7 @@ FLAGS = {
     "image_size": int, "repeat_seconds": float, "matmul_size": int, "no_probe": bool,
     "row": str, "row_out": str,  # internal: one row in this process, written to a file
 }
+ROW_FLAGS = ("steps", "repeats", "warmup", "batch", "image_size", "repeat_seconds")  # passed to a row
 
 
 def config_path(model: str) -> pathlib.Path:
@@ -118,6 +116,8 @@ def measure_row(model: str, framework: str, settings: dict) -> dict:
 
 def derive(row: dict, machine_gflops: float | None) -> dict:
     """Adds the FLOP figures to a measured row: train FLOPs per image, GFLOP/s, fraction of the machine."""
+    from benchmarks import flops  # imports jax: not in the Keras-on-TensorFlow subprocess
+
     config = load_model_config(row["model"])
     forward = flops.forward_flops_per_image(config.model, row["image_size"], NUM_CLASSES)
     train = flops.train_flops_per_image(config.model, row["image_size"], NUM_CLASSES)
@@ -154,8 +154,7 @@ def run_row(model: str, framework: str, values: dict) -> dict:
     env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
     if framework in KERAS_BACKEND:
         env["KERAS_BACKEND"] = KERAS_BACKEND[framework]
-    passed = [f"--{k}={v}" for k, v in values.items()
-              if k in ("steps", "repeats", "warmup", "batch", "image_size", "repeat_seconds") and v is not None]
+    passed = [f"--{k}={v}" for k, v in values.items() if k in ROW_FLAGS and v is not None]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         code, _, err = _run_child(["benchmarks.train_step", f"--row={framework}", f"--models={model}",

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Runs the benchmarks on a CUDA machine, offline, and writes JSON results.
+#
+#   bash benchmarks/gpu.sh WHEELS OUT
+#
+# WHEELS: a folder of wheels for benchmarks/requirements-gpu.txt (see that file for how to build
+#         it; '-' to install nothing and use what the Python environment already has).
+# OUT:    the results folder (created): machine.jsonl, train_step.jsonl, profile_<model>.jsonl,
+#         input_pipeline.jsonl, a .log of each, status.txt (one exit status per benchmark),
+#         pip-freeze.txt and nvidia-smi.txt.
+#
+# Needs: a Python with jax (CUDA), flax, optax and orbax-checkpoint ($PYTHON, default python3).
+# Nothing is downloaded: the data is synthetic, the packages come from WHEELS, installed into a
+# virtual environment under OUT that also sees $PYTHON's packages ($PYTHON's are not touched).
+# It refuses to run unless JAX's default backend is a GPU; BENCH_ALLOW_CPU=1 lets it run on a
+# CPU for a dry run (with e.g. BENCH_IMAGE_SIZE=32 BENCH_MODELS=ml1 for a quick one).
+#
+# Knobs (environment): BENCH_MODELS (ml1,ml2,ml4,ml5,ml6), BENCH_FRAMEWORKS
+# (imgclf_jax,keras-jax,keras-tensorflow), BENCH_STEPS (steps per repeat; default: chosen so a
+# repeat lasts BENCH_REPEAT_SECONDS, default 3), BENCH_REPEATS (5), BENCH_BATCH (32),
+# BENCH_IMAGE_SIZE (the configs' 128), BENCH_PROFILE_MODELS (ml1,ml6), BENCH_WORKERS (0,1,2,4,8).
+set -uo pipefail
+
+if [ $# -ne 2 ]; then
+  awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
+  exit 2
+fi
+WHEELS=$1
+OUT=$(mkdir -p "$2" && cd "$2" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+MODELS=${BENCH_MODELS:-ml1,ml2,ml4,ml5,ml6}
+FRAMEWORKS=${BENCH_FRAMEWORKS:-imgclf_jax,keras-jax,keras-tensorflow}
+PROFILE_MODELS=${BENCH_PROFILE_MODELS:-ml1,ml6}
+WORKERS=${BENCH_WORKERS:-0,1,2,4,8}
+STEP_FLAGS=(--repeats="${BENCH_REPEATS:-5}" --batch="${BENCH_BATCH:-32}"
+            --repeat_seconds="${BENCH_REPEAT_SECONDS:-3}")
+[ -n "${BENCH_STEPS:-}" ] && STEP_FLAGS+=(--steps="$BENCH_STEPS")
+SIZE_FLAGS=()
+[ -n "${BENCH_IMAGE_SIZE:-}" ] && SIZE_FLAGS+=(--image_size="$BENCH_IMAGE_SIZE")
+
+fail() { echo "gpu.sh: $*" >&2; exit 1; }
+
+"$PYTHON" -c 'import jax, flax, optax, orbax.checkpoint' \
+  || fail "$PYTHON lacks jax, flax, optax or orbax-checkpoint (set PYTHON=...)"
+backend=$("$PYTHON" -c 'import jax; print(jax.default_backend())') || fail "jax does not start"
+if [ "$backend" != gpu ] && [ "${BENCH_ALLOW_CPU:-0}" != 1 ]; then
+  fail "JAX's default backend is '$backend', not 'gpu' (BENCH_ALLOW_CPU=1 for a dry run on CPU)"
+fi
+
+# A virtual environment that sees $PYTHON's packages (jax, flax, optax, orbax: through a .pth
+# file, which works whether $PYTHON is a system, conda or virtualenv Python), plus the wheels.
+"$PYTHON" -m venv "$OUT/venv" || fail "cannot create a venv in $OUT/venv"
+PY="$OUT/venv/bin/python"
+"$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' \
+  > "$("$PY" -c 'import site; print(site.getsitepackages()[0])')/_benchmarks_base.pth"
+"$PY" -c 'import jax, flax, optax' || fail "the venv in $OUT/venv does not see $PYTHON's jax"
+if [ "$WHEELS" != - ]; then
+  [ -d "$WHEELS" ] || fail "no wheel folder '$WHEELS'"
+  "$PY" -m pip install -q --no-index --find-links "$WHEELS" -r benchmarks/requirements-gpu.txt \
+    || fail "installing benchmarks/requirements-gpu.txt from $WHEELS failed (a wheel is missing?)"
+  if ls "$WHEELS" | grep -qi '^tensorflow'; then
+    tf=$(ls "$WHEELS" | grep -i '^tensorflow' | grep -vi 'datasets\|metadata\|estimator\|io' | head -1 | cut -d- -f1)
+    [ -n "$tf" ] && { "$PY" -m pip install -q --no-index --find-links "$WHEELS" "$tf" \
+      || echo "gpu.sh: installing $tf failed; keras-tensorflow rows will say so" >&2; }
+  fi
+fi
+"$PY" -m pip freeze > "$OUT/pip-freeze.txt" 2>/dev/null
+command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TF_FORCE_GPU_ALLOW_GROWTH=true  # TensorFlow's peak memory then means what it used
+: > "$OUT/status.txt"
+run() {  # run NAME ARGS...: python -m ARGS > OUT/NAME.jsonl, stderr to OUT/NAME.log; go on after a failure
+  local name=$1; shift
+  echo "gpu.sh: $name ..." >&2
+  "$PY" -m "$@" > "$OUT/$name.jsonl" 2> "$OUT/$name.log"
+  local code=$?
+  echo "$name $code" >> "$OUT/status.txt"
+  [ $code -eq 0 ] || echo "gpu.sh: $name failed ($code); see $OUT/$name.log" >&2
+}
+
+run machine benchmarks.machine
+run train_step benchmarks.train_step --models="$MODELS" --frameworks="$FRAMEWORKS" \
+  "${STEP_FLAGS[@]}" "${SIZE_FLAGS[@]}"
+for model in ${PROFILE_MODELS//,/ }; do
+  run "profile_$model" benchmarks.profile_step --model="$model" --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
+done
+run input_pipeline benchmarks.input_pipeline --source=synthetic --workers="$WORKERS" "${SIZE_FLAGS[@]}"
+
+echo "gpu.sh: results in $OUT:" >&2
+cat "$OUT/status.txt" >&2
+! grep -qv ' 0$' "$OUT/status.txt"

@@ -8,12 +8,20 @@ The number of classes comes from the data at training time and is not in the
 config; here it is ``--num_classes`` (default 10 for ``data.builder='digits'``,
 else 5, the reference competition). The input is ``data.image_size`` squared,
 RGB. Nothing is initialized or run: shapes come from ``jax.eval_shape``, so
-even the 70M-parameter models print in seconds on a CPU.
+even the 70M-parameter models print in seconds on a CPU (the step is compiled
+for the memory figures, never run).
 
 Prints the table (layer, branch, per-image output shape, parameters, forward
-MFLOPs) and, as the last line, one JSON object::
+MFLOPs), the memory one member's training needs at ``train.batch_size`` on
+one device (params, optimizer state, and the train step's temporaries:
+activations kept for the backward pass, gradients, workspace; from XLA's
+``memory_analysis`` of the compiled step, see :mod:`imgclf_jax.memory`), the
+total for ``ensemble.num_members`` members, and, as the last line, one JSON
+object::
 
-  {"num_params": N, "flops_per_image": F, "flops_convention": "..."}
+  {"num_params": N, "flops_per_image": F, "flops_convention": "...",
+   "memory_per_member_bytes": {"params": .., "opt_state": .., "temp": .., "batch": .., "total": ..},
+   "num_members": K, "memory_need_bytes": M}
 
 FLOPs are counted analytically (:func:`count_flops`): 2 per multiply-add of the
 conv and dense layers; bias adds, ReLU, pooling, dropout and concatenation are
@@ -112,8 +120,24 @@ def main(argv: list[str]) -> int:
     print(f"{args.config_path}: input {size}x{size}x3, {num_classes} classes, logits {list(logits)}")
     print(format_table(rows))
     print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward)")
+
+    from imgclf_jax import memory
+    from imgclf_jax.optim import create_optimizer
+
+    tx, _ = create_optimizer(config.optimizer)
+    batch = config.train.batch_size
+    member = memory.member_memory(model, tx, config.model.l2, size, batch)
+    k = config.ensemble.num_members
+    keeps_best = bool(config.train.early_stopping.monitor)
+    need = memory.ensemble_need_bytes(member, k, keeps_best)
+    mib = 2.0**20
+    print(f"memory per member, batch {batch} on one device: params {member.params / mib:,.1f} MiB, "
+          f"optimizer state {member.opt_state / mib:,.1f} MiB, step temporaries {member.temp / mib:,.1f} MiB"
+          f"{f', best-weights copy {member.params / mib:,.1f} MiB' if keeps_best else ''}; "
+          f"{k} member{'s' if k > 1 else ''}: {need / mib:,.1f} MiB")
     print(json.dumps({"num_params": num_params, "flops_per_image": flops,
-                      "flops_convention": FLOPS_CONVENTION}))
+                      "flops_convention": FLOPS_CONVENTION, "memory_per_member_bytes": member.as_dict(),
+                      "num_members": k, "memory_need_bytes": need}))
     return 0
 
 

@@ -156,7 +156,7 @@ def main(argv: list[str]) -> int:
     if values["no_train_step"]:
         return 0
     print(f"input_pipeline: the train step of {config_name} ...", file=sys.stderr, flush=True)
-    step = train_step.run_row(str(train_step.config_path(config_name)), "imgclf_jax",
+    step = train_step.run_row(config_name, "imgclf_jax",
                               {"steps": values["train_steps"], "repeats": 3, "warmup": 1,
                                "image_size": config.data.image_size})
     print(json.dumps({**step, "config": config_name}), flush=True)

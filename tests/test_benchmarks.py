@@ -103,3 +103,15 @@ def test_keras_twin_has_our_parameter_count(name):
     config = load_config_file(str(ROOT / "configs" / f"{name}.py"))
     ours = sum(param_counts(create_model(config.model, 5), 128).values())
     assert keras_models.build(config.model, 5, 128).count_params() == ours
+
+
+def test_tables_render_rows_and_skips():
+    from benchmarks import tables
+
+    rows = [{"model": "ml1", "framework": "imgclf_jax", "images_per_s": 37.06, "gflops_per_s": 32.6,
+             "fraction_of_machine": 0.145, "params": 6517317, "host_peak_rss_bytes": 2**30,
+             "device_peak_bytes": None},
+            {"model": "ml1", "framework": "keras-jax", "images_per_s": None, "skipped": "no keras"}]
+    text = tables.train_step_table(rows).splitlines()
+    assert text[2] == "| ml1 | imgclf_jax | 37.1 | 32.6 | 14.5% | 6,517,317 | 1.00 | - |"
+    assert text[3].startswith("| ml1 | keras-jax | skipped |")

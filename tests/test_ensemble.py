@@ -111,16 +111,22 @@ def test_shared_data_feeds_every_member_the_first_seeds_batches(single_runs, sma
     assert history[0]["train_loss"][1] != pytest.approx(single_runs[1][1][0]["train_loss"], rel=1e-4)
 
 
-def test_a_nan_freezes_one_member_and_the_others_go_on(small_competition, tmp_path, monkeypatch):
+def poison(monkeypatch, members):
+    """Makes the given members start with a huge output kernel: their first loss overflows."""
     real_create = ens_steps.create_ensemble_state
 
-    def poisoned(model, tx, keys, image_size):  # member 1 starts with a huge kernel: its loss overflows
+    def poisoned(model, tx, keys, image_size):
         state = real_create(model, tx, keys, image_size)
         params = jax.tree.map(lambda x: x, state.members.params)
-        params["logits"]["kernel"] = params["logits"]["kernel"].at[1].set(3e38)
+        for i in members:
+            params["logits"]["kernel"] = params["logits"]["kernel"].at[i].set(3e38)
         return state.replace(members=state.members.replace(params=params))
 
     monkeypatch.setattr(ens_steps, "create_ensemble_state", poisoned)
+
+
+def test_a_nan_freezes_one_member_and_the_others_go_on(small_competition, tmp_path, monkeypatch):
+    poison(monkeypatch, [1])
     c = small_config(small_competition, str(tmp_path / "cache"), num_members=2, mapping="unroll")
     c.train.early_stopping.monitor, c.train.num_epochs = "", 2
     summary = loop.train_and_evaluate(c, str(tmp_path / "ens"))
@@ -130,6 +136,17 @@ def test_a_nan_freezes_one_member_and_the_others_go_on(small_competition, tmp_pa
     assert history[0]["train_loss"][1] is None  # its only step was not counted
     assert history[1]["train_loss"][0] < history[0]["train_loss"][0] * 1.5  # member 0 trained normally
     assert summary["epochs_run"] == 2
+
+
+def test_when_every_member_hits_a_nan_the_job_writes_its_reports_and_fails(small_competition, tmp_path,
+                                                                             monkeypatch):
+    poison(monkeypatch, [0, 1])
+    c = small_config(small_competition, str(tmp_path / "cache"), num_members=2, mapping="unroll")
+    c.train.early_stopping.monitor, c.train.num_epochs = "", 3
+    with pytest.raises(loop.TrainingError, match=r"every member.*\[1, 1\]"):
+        loop.train_and_evaluate(c, str(tmp_path / "ens"))
+    summary = read(tmp_path / "ens", "summary.json")
+    assert summary["epochs_run"] == 1 and [m["nan_step"] for m in summary["members"]] == [1, 1]
 
 
 def test_ensemble_step_freezes_a_non_finite_member_keeping_its_previous_state():

@@ -100,6 +100,7 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
       ConfigError, DataError: bad config or data, or K members that do not fit in memory
         (before any training step).
       Interrupted: SIGINT or SIGTERM (after saving a checkpoint; rerun to resume).
+      TrainingError: every member was frozen by a non-finite loss (raised after the reports are written).
     """
     loop.check_workdir(workdir, config, overwrite)
     layer_specs(config.model, config.data.image_size, 2)
@@ -161,8 +162,9 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
 
     def save() -> None:
         progress.early_stopping = {"members": [s.state_dict() for s in stoppers], "nan_steps": nan_steps}
-        checkpoints.save_latest(int(np.asarray(state.members.step).max()), state, best_params,
-                                dataclasses.asdict(progress))
+        # Numbered by batches done (not updates: frozen members stop counting), which grows with every save.
+        position = progress.epoch * train.steps_per_epoch + progress.batch
+        checkpoints.save_latest(position, state, best_params, dataclasses.asdict(progress))
 
     with loop.InterruptGuard() as guard:
         while progress.epoch < config.train.num_epochs and not all(s.stopped for s in stoppers):
@@ -226,6 +228,9 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     summary = finish(config, workdir, data, result_params, progress, stoppers, nan_steps, num_params,
                      checkpoints, eval_step, mesh, mode, mem_figures)
     checkpoints.close()
+    if all(step is not None for step in nan_steps):
+        raise loop.TrainingError(f"every member's training loss became non-finite (at steps {nan_steps}); "
+                                 f"their last good weights and the reports are in {workdir}")
     return summary
 
 

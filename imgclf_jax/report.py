@@ -54,6 +54,7 @@ def plot_curves(history: list[dict], workdir: str) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} per epoch")
@@ -87,6 +88,7 @@ def plot_member_curves(history: list[dict], workdir: str) -> None:
             for rule, color in (("majority", "black"), ("soft", "dimgray")):
                 ax.plot(epochs, [h[f"{rule}_val_accuracy"] for h in history], "o-", color=color, lw=2.5,
                         label=f"{rule} vote (validation)")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} per epoch, {k} members (dashed: train, solid: validation)", fontsize=9)

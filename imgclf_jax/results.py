@@ -3,6 +3,9 @@
 Prints one Markdown row per workdir (from its config.json, summary.json and
 history.json): parameters, best validation accuracy and its epoch, epochs run,
 wall time, training images/s (steady state) and the training examples.
+An ensemble's workdir gives one row per member (its best epoch, the epochs
+it trained; the job's wall time and member-images/s) and one row per vote
+(the result weights' majority and soft vote accuracies).
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ def row(workdir: str) -> str:
             f"{speed} | {summary.get('num_train_examples', '')} |")
 
 
+def ensemble_rows(workdir: str) -> list[str]:
+    """Markdown rows of a finished ensemble job: one per member, then the majority and soft votes."""
+    summary, history = _load(workdir, "summary.json"), _load(workdir, "history.json")
+    name = os.path.basename(os.path.normpath(workdir))
+    minutes = sum(h["seconds"] for h in history) / 60
+    speed = summary.get("member_images_per_s")
+    speed = "-" if speed is None else f"{speed:.1f}"
+    params, examples = f"{summary['num_params']:,}", summary.get("num_train_examples", "")
+    out = []
+    for i, member in enumerate(summary["members"]):
+        acc = "-" if member["best_val_accuracy"] is None else f"{member['best_val_accuracy']:.4f}"
+        out.append(f"| {name} member {i} (seed {member['seed']}) | {params} | {acc} | {member['best_epoch']} | "
+                   f"{member['epochs_trained']} | {minutes:.1f} min | {speed} | {examples} |")
+    for rule in ("majority", "soft"):
+        out.append(f"| {name} {rule} vote | {summary['num_members']} x {params} | "
+                   f"{summary['vote'][rule]['val_accuracy']:.4f} | - | {len(history)} | {minutes:.1f} min | "
+                   f"{speed} | {examples} |")
+    return out
+
+
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     workdirs = [word for word in argv if not word.startswith("-")]
@@ -44,7 +67,10 @@ def main(argv: list[str]) -> int:
         raise ConfigError("usage: python -m imgclf_jax.results WORKDIR [WORKDIR ...]")
     print(HEADER)
     for workdir in workdirs:
-        print(row(workdir))
+        if "members" in _load(workdir, "summary.json"):
+            print("\n".join(ensemble_rows(workdir)))
+        else:
+            print(row(workdir))
     return 0
 
 

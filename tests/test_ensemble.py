@@ -89,6 +89,11 @@ def test_member_i_follows_the_single_run_with_seed_plus_i(mapping, single_runs, 
     for rule in ("majority", "soft"):
         assert 0.0 <= summary["vote"][rule]["val_accuracy"] <= 1.0
     assert summary["result_val_accuracy"] == summary["vote"]["majority"]["val_accuracy"]
+    from imgclf_jax.results import ensemble_rows
+
+    rows = ensemble_rows(str(tmp_path / "ens"))
+    assert len(rows) == 4 and rows[2].startswith("| ens majority vote | 2 x ")
+    assert f"| {summary['members'][1]['best_val_accuracy']:.4f} | {summary['members'][1]['best_epoch']} |" in rows[1]
     for name in ("accuracy.png", "loss.png", "confusion_matrix.png"):
         assert (tmp_path / "ens" / name).stat().st_size > 0
     matrix = np.array(read(tmp_path / "ens", "confusion_matrix.json")["counts"])

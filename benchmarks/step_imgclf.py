@@ -95,6 +95,7 @@ def measure_train_step(config: Any, num_classes: int, image_size: int, batch: in
     devices = mesh.devices.flatten()
     return {
         "backend": jax.default_backend(),
+        "fast_path": model.fast_path,  # imgclf_jax.models.fast_path in use (config 'auto' + env var)
         "device": devices[0].device_kind,
         "device_count": len(devices),
         "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-  python -m benchmarks.train_step [--models ml1,ml6] [--frameworks imgclf_jax,keras-tensorflow,keras-jax]
+  python -m benchmarks.train_step [--models ml1,ml6] [--frameworks imgclf_jax,imgclf_jax-xla,keras-tensorflow,keras-jax]
       [--steps N] [--repeats 3] [--warmup 2] [--batch 32] [--image_size 128] [--repeat_seconds 5]
       [--matmul_size N] [--no_probe]
 
@@ -18,7 +18,9 @@ row::
    "fraction_of_machine": G / matmul GFLOP/s, "host_peak_rss_bytes": B,
    "device_peak_bytes": B or null, "flops_convention": "...", ...}
 
-Frameworks: ``imgclf_jax`` (:mod:`benchmarks.step_imgclf`), ``keras-tensorflow``
+Frameworks: ``imgclf_jax`` (:mod:`benchmarks.step_imgclf`; its CPU fast path,
+:mod:`imgclf_jax.models.fast_path`, as training decides it), ``imgclf_jax-xla``
+(the same with ``IMGCLF_JAX_FAST_PATH=0``: XLA's own gradients), ``keras-tensorflow``
 and ``keras-jax`` (:mod:`benchmarks.step_keras`: the same architecture built in
 Keras 3 by :mod:`benchmarks.keras_models`, on TensorFlow or on JAX). Every row
 runs in a fresh subprocess (Keras's backend is fixed at import; the peak RSS is
@@ -48,7 +50,9 @@ from imgclf_jax import config as config_lib
 from imgclf_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("imgclf_jax", "keras-tensorflow", "keras-jax")
+FRAMEWORKS = ("imgclf_jax", "imgclf_jax-xla", "keras-tensorflow", "keras-jax")
+# imgclf_jax-xla: imgclf_jax with its CPU fast path off (IMGCLF_JAX_FAST_PATH=0): XLA's own gradients.
+FAST_PATH_OFF = {"imgclf_jax-xla": "0"}
 KERAS_BACKEND = {"keras-tensorflow": "tensorflow", "keras-jax": "jax"}
 NUM_CLASSES = 5  # the reference competition
 FLAGS = {
@@ -102,7 +106,7 @@ def measure_row(model: str, framework: str, settings: dict) -> dict:
             settings["warmup"], settings["repeat_seconds"])
     row = {"benchmark": "train_step", "model": model, "framework": framework,
            "batch": settings["batch"], "image_size": image_size}
-    if framework == "imgclf_jax":
+    if framework.startswith("imgclf_jax"):
         from benchmarks import step_imgclf
 
         return {**row, **step_imgclf.measure_train_step(*args)}
@@ -154,6 +158,8 @@ def run_row(model: str, framework: str, values: dict) -> dict:
     env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
     if framework in KERAS_BACKEND:
         env["KERAS_BACKEND"] = KERAS_BACKEND[framework]
+    if framework in FAST_PATH_OFF:
+        env["IMGCLF_JAX_FAST_PATH"] = FAST_PATH_OFF[framework]
     passed = [f"--{k}={v}" for k, v in values.items() if k in ROW_FLAGS and v is not None]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")

@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from imgclf_jax import checkpoint as ckpt_lib
+from imgclf_jax import config as config_lib
 from imgclf_jax import parallel, report, steps
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
@@ -36,7 +37,7 @@ from imgclf_jax.models import create_model, layer_specs
 from imgclf_jax.optim import create_optimizer
 
 # Keys that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers")
+RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path")
 
 
 class TrainingError(UserError):
@@ -107,6 +108,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
         return
     old = _flat(old)
     new = _flat(json.loads(json.dumps(config.to_dict())))
+    # A key added to the schema after the run started counts as its default there.
+    defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
+    old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if differing:

@@ -115,3 +115,23 @@ def test_tables_render_rows_and_skips():
     text = tables.train_step_table(rows).splitlines()
     assert text[2] == "| ml1 | imgclf_jax | 37.1 | 32.6 | 14.5% | 6,517,317 | 1.00 | - |"
     assert text[3].startswith("| ml1 | keras-jax | skipped |")
+
+
+@pytest.mark.parametrize("padding,k", [("SAME", 5), ("VALID", 3), ("SAME", 3)])
+def test_conv_kernel_gradient_methods_equal_jax_grad_of_lax_conv(padding, k):
+    import jax
+
+    import numpy as np
+
+    from benchmarks.conv_kernel_gradient import METHODS, kernel_gradient
+
+    x = jax.random.normal(jax.random.key(0), (2, 11, 10, 3))
+    kernel = jax.random.normal(jax.random.key(1), (k, k, 3, 4))
+    conv = lambda kern: jax.lax.conv_general_dilated(x, kern, (1, 1), padding,  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y, vjp = jax.vjp(conv, kernel)
+    g = jax.random.normal(jax.random.key(2), y.shape)
+    expected = np.asarray(vjp(g)[0])
+    for method in METHODS:
+        np.testing.assert_allclose(np.asarray(kernel_gradient(method, x, g, k, padding)), expected,
+                                   rtol=1e-4, atol=1e-4)

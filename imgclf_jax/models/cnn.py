@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from imgclf_jax.errors import ConfigError
+from imgclf_jax.models import fast_path as fast_path_lib
 
 LOGITS = "logits"  # the output layer's name; the one kernel without L2
 
@@ -61,6 +62,8 @@ class BranchedCNN(nn.Module):
       side_pool_size: the side branch's average pool size and stride ('valid').
       dense_units: widths of the hidden dense layers of the head.
       dense_dropouts: dropout rate after each hidden dense layer; 0 = none.
+      fast_path: use :mod:`imgclf_jax.models.fast_path`'s ops (same values and gradients,
+        faster on CPU); :func:`create_model` decides it from the config and the backend.
     """
 
     num_classes: int
@@ -74,6 +77,7 @@ class BranchedCNN(nn.Module):
     side_pool_size: int = 16
     dense_units: Sequence[int] = (256,)
     dense_dropouts: Sequence[float] = (0.0,)
+    fast_path: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -95,7 +99,9 @@ class BranchedCNN(nn.Module):
             x = nn.Conv(filters, (kernel, kernel), strides=(1, 1), padding=padding.upper(),
                         kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"conv_{i}")(x)
             x = nn.relu(x)
-            if pool:
+            if pool and self.fast_path:
+                x = fast_path_lib.max_pool_2x2(x)
+            elif pool:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             if rate > 0:
                 x = nn.Dropout(rate, name=f"conv_dropout_{i}")(x, deterministic=not train)
@@ -119,7 +125,11 @@ class BranchedCNN(nn.Module):
 
 
 def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
-    """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes."""
+    """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes.
+
+    ``model.fast_path`` ('auto' when absent, as in runs saved before it existed) is
+    resolved here, by :func:`imgclf_jax.models.fast_path.enabled`, for the current backend.
+    """
     m = model_config
     return BranchedCNN(
         num_classes=int(num_classes),
@@ -133,6 +143,7 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
         side_pool_size=int(m.side_pool_size),
         dense_units=tuple(int(u) for u in m.dense_units),
         dense_dropouts=tuple(float(r) for r in m.dense_dropouts),
+        fast_path=fast_path_lib.enabled(str(m.get("fast_path", "auto"))),
     )
 
 

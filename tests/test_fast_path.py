@@ -1,0 +1,82 @@
+"""The CPU fast path computes what the ops it replaces compute: values and gradients, every shape used."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imgclf_jax import config as config_lib
+from imgclf_jax.models import create_model, fast_path
+
+
+@pytest.mark.parametrize("shape", [(2, 126, 126, 3), (2, 61, 61, 5), (3, 30, 30, 4), (1, 7, 9, 2), (2, 2, 3, 1)])
+def test_max_pool_values_and_gradients_equal_flax_max_pool_bit_for_bit(shape):
+    x = jax.random.normal(jax.random.key(0), shape)
+    x = jnp.maximum(x, 0.0)  # after a ReLU: many tied zeros in a window
+    x = x.at[0, 0, 0, 0].set(1.0).at[0, 0, 1, 0].set(1.0)  # a tie at a positive value
+    reference = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2), padding="VALID")  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    y, vjp = jax.vjp(fast_path.max_pool_2x2, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    g = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
+
+
+def test_one_place_decides_env_var_then_config_then_backend(monkeypatch):
+    monkeypatch.delenv(fast_path.ENV, raising=False)
+    assert fast_path.enabled("auto", "cpu") and not fast_path.enabled("auto", "gpu")
+    assert fast_path.enabled("on", "gpu") and not fast_path.enabled("off", "cpu")
+    monkeypatch.setenv(fast_path.ENV, "0")
+    assert not fast_path.enabled("on", "cpu")
+    monkeypatch.setenv(fast_path.ENV, "1")
+    assert fast_path.enabled("off", "gpu")
+    monkeypatch.setenv(fast_path.ENV, "maybe")
+    with pytest.raises(ValueError, match=fast_path.ENV):
+        fast_path.enabled("auto", "cpu")
+
+
+@pytest.mark.parametrize("name", ["ml1", "ml6"])
+def test_models_with_and_without_the_fast_path_give_the_same_loss_gradients(name, monkeypatch):
+    """The whole reference model at a reduced size: same logits and parameter gradients."""
+    monkeypatch.delenv(fast_path.ENV, raising=False)
+    c = config_lib.load_config_file(f"configs/{name}.py")
+    c.model.fast_path = "off"
+    slow = create_model(c.model, 5)
+    c.model.fast_path = "on"
+    fast = create_model(c.model, 5)
+    assert fast.fast_path and not slow.fast_path
+    images = jax.random.uniform(jax.random.key(0), (2, 48, 48, 3))
+    params = slow.init(jax.random.key(1), images, train=False)["params"]
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+    (l_slow, g_slow), (l_fast, g_fast) = (jax.value_and_grad(loss, 1)(m, params) for m in (slow, fast))
+    np.testing.assert_allclose(float(l_fast), float(l_slow), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_slow), jax.tree.leaves(g_fast)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
+
+@pytest.mark.parametrize("config", ["ml1", "ml2", "ml4", "ml5", "ml6", "digits"])
+def test_every_reference_model_at_full_size_gives_the_same_gradients_with_the_fast_path(config, monkeypatch):
+    """Every pool shape the configs use (odd sizes included): same loss and parameter gradients."""
+    monkeypatch.delenv(fast_path.ENV, raising=False)
+    c = config_lib.load_config_file(f"configs/{config}.py")
+    models = {}
+    for setting in ("off", "on"):
+        c.model.fast_path = setting
+        models[setting] = create_model(c.model, 5)
+    size = c.data.image_size
+    images = jax.random.uniform(jax.random.key(0), (1, size, size, 3))
+    params = models["off"].init(jax.random.key(1), images, train=False)["params"]
+
+    def loss(model, p):
+        logits = model.apply({"params": p}, images, train=True, rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(jax.nn.log_softmax(logits)[:, 0])
+
+    grads = {s: jax.jit(jax.grad(loss, 1), static_argnums=0)(m, params) for s, m in models.items()}
+    for a, b in zip(jax.tree.leaves(grads["off"]), jax.tree.leaves(grads["on"])):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))  # the pool's gradient routes identically

@@ -100,6 +100,9 @@ def main(argv: list[str]) -> int:
     from imgclf_jax.config import load_config_file
 
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
+    from imgclf_jax.models import fast_path
+
+    fast_path.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
     batch, repeats = values["batch"] or 32, values["repeats"] or 3
     for model in (values["models"] or "ml1,ml6").split(","):
         config = load_config_file(f"configs/{model}.py")

@@ -307,6 +307,9 @@ def main(argv: list[str]) -> int:
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
     model = values["model"] or "ml1"
     config = load_model_config(model)
+    from imgclf_jax.models import fast_path
+
+    fast_path.configure_xla(config.model.fast_path)  # profile what training runs (IMGCLF_JAX_FAST_PATH=0: XLA's)
     batch = values["batch"] or 32
     image_size = values["image_size"] or config.data.image_size
     repeats = values["repeats"] or 5

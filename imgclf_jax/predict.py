@@ -142,6 +142,9 @@ def main(argv: list[str]) -> int:
     if os.path.isdir(values["out"]):
         raise ConfigError(f"--out '{values['out']}' is a folder; give a file name")
     ids, paths = list_images(values["images"], values["image_dir"])
+    from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
+
+    fast_path.configure_xla()
     probabilities = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 

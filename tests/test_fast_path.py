@@ -1,5 +1,7 @@
 """The CPU fast path computes what the ops it replaces compute: values and gradients, every shape used."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,4 +81,33 @@ def test_every_reference_model_at_full_size_gives_the_same_gradients_with_the_fa
 
     grads = {s: jax.jit(jax.grad(loss, 1), static_argnums=0)(m, params) for s, m in models.items()}
     for a, b in zip(jax.tree.leaves(grads["off"]), jax.tree.leaves(grads["on"])):
-        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))  # the pool's gradient routes identically
+        # The max pool's gradient routes identically; the side branch's average pool sums in another order.
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,size", [((2, 128, 128, 4), 16), ((1, 35, 33, 3), 16), ((2, 9, 9, 2), 3)])
+def test_avg_pool_equals_flax_avg_pool_values_and_gradients(shape, size):
+    x = jax.random.normal(jax.random.key(0), shape)
+    reference = lambda v: nn.avg_pool(v, (size, size), strides=(size, size), padding="VALID")  # noqa: E731
+    y_ref, vjp_ref = jax.vjp(reference, x)
+    y, vjp = jax.vjp(lambda v: fast_path.avg_pool(v, size), x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=1e-5, atol=1e-6)
+    g = jax.random.normal(jax.random.key(1), y.shape)
+    np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-7)
+
+
+def test_configure_xla_adds_the_cpu_flag_once_and_respects_the_user(monkeypatch):
+    from jax._src import xla_bridge
+
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.delenv(fast_path.ENV, raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert fast_path.configure_xla("auto")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + fast_path.XLA_CPU_FLAG
+    assert not fast_path.configure_xla("auto")  # already there: not twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    assert not fast_path.configure_xla("on")  # the user's own setting wins
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert not fast_path.configure_xla("off")
+    monkeypatch.setenv(fast_path.ENV, "0")
+    assert not fast_path.configure_xla("on") and os.environ["XLA_FLAGS"] == ""

@@ -112,7 +112,10 @@ class BranchedCNN(nn.Module):
             s = nn.Conv(self.side_filters, (k, k), strides=(1, 1), padding="SAME",
                         kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name="side_conv")(images)
             s = nn.relu(s)
-            s = nn.avg_pool(s, (p, p), strides=(p, p), padding="VALID")
+            if self.fast_path:
+                s = fast_path_lib.avg_pool(s, p)
+            else:
+                s = nn.avg_pool(s, (p, p), strides=(p, p), padding="VALID")
             x = jnp.concatenate([x, s.reshape((s.shape[0], -1))], axis=-1)
 
         for i, (units, rate) in enumerate(zip(self.dense_units, self.dense_dropouts)):

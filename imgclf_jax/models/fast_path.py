@@ -19,6 +19,20 @@ Ops:
   that equals it (row-major, as ``select_and_scatter`` with ``ge`` does, so
   ties on the zeros after a ReLU go where they went).
 
+- :func:`avg_pool`: an average pool whose size equals its stride (the side
+  branch's 16x16/16 pool), as a reshape and a mean. XLA:CPU computes the
+  gradient of ``reduce_window`` add as another reduce-window over the padded,
+  dilated cotangent (256 adds per output element for 16x16): 0.94 s of ml6's
+  2.7 s step; the reshape form's gradient is a broadcast.
+
+And one XLA:CPU setting, :data:`XLA_CPU_FLAG` (``XLA_FLAGS``, so it must be set
+before jax starts its backends; :func:`configure_xla` does that for the
+command-line tools): convolutions go to XLA's Eigen kernels instead of
+YNNPACK (jaxlib 0.12's default). With YNNPACK, conv kernel gradients ran at
+about 50 GFLOP/s on the 2-core EPYC (ml6's 5x5 32->70 layer: 1.19 s); with
+Eigen at about 220 (0.27 s), forwards and input gradients about as before.
+Dots stay on YNNPACK. The flag only affects the CPU compiler.
+
 Tried and left out (numbers in benchmarks/README.md, "CPU fast path"; rerun
 with ``python -m benchmarks.conv_kernel_gradient``): computing conv kernel
 gradients as shifted matmuls instead of XLA's convolution over the batch. On
@@ -59,6 +73,51 @@ def enabled(setting: str = "auto", backend: str | None = None) -> bool:
     if setting != "auto":
         return setting == "on"
     return (backend or jax.default_backend()) == "cpu"
+
+
+XLA_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+
+
+def configure_xla(setting: str = "auto") -> bool:
+    """Adds :data:`XLA_CPU_FLAG` to ``XLA_FLAGS`` when the fast path may be on; returns whether it did.
+
+    Call before jax starts its backends (the tools call it before importing jax's users).
+    It is left out when ``IMGCLF_JAX_FAST_PATH=0``, when `setting` is 'off', when
+    ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type`` (the user's
+    choice wins), or when jax's backends are already running (then it would not apply).
+    On non-CPU backends the flag changes nothing.
+    """
+    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no") or setting == "off":
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags:
+        return False
+    try:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):
+        pass
+    os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
+    return True
+
+
+def avg_pool(x: jax.Array, size: int) -> jax.Array:
+    """Average pool with window = stride = `size`, 'valid' padding (trailing rows/columns dropped).
+
+    Equals ``flax.linen.avg_pool(x, (size, size), strides=(size, size), padding='VALID')``
+    up to float rounding (the mean is summed in another order).
+
+    Args:
+      x: float[B, H, W, C].
+
+    Returns:
+      float[B, H // size, W // size, C].
+    """
+    b, h, w, c = x.shape
+    hp, wp = h // size, w // size
+    return x[:, : hp * size, : wp * size, :].reshape(b, hp, size, wp, size, c).mean(axis=(2, 4))
 
 
 def _pool_windows(x: jax.Array) -> jax.Array:

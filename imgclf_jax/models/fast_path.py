@@ -149,15 +149,17 @@ def _max_pool_bwd(residuals, g):
     b, h, w, c = x.shape
     windows = _pool_windows(x)
     taken = jnp.zeros(y.shape, bool)
-    parts = []
+    rows = []
     for row in (0, 1):
+        cols = []
         for col in (0, 1):
             hit = (windows[:, :, row, :, col, :] == y) & ~taken  # the first maximum gets the gradient
             taken = taken | hit
-            parts.append(jnp.where(hit, g, jnp.zeros_like(g)))
+            cols.append(jnp.where(hit, g, jnp.zeros_like(g)))
+        rows.append(jnp.stack(cols, axis=3))  # [B, H/2, W/2, 2, C]
+    # Stacked in the windows' own layout [B, H/2, 2, W/2, 2, C]: a reshape, no transpose, gives [B, H, W, C].
     hp, wp = h // 2, w // 2
-    dx = jnp.stack(parts, axis=-1).reshape(b, hp, wp, c, 2, 2)
-    dx = dx.transpose(0, 1, 4, 2, 5, 3).reshape(b, 2 * hp, 2 * wp, c)
+    dx = jnp.stack(rows, axis=2).reshape(b, 2 * hp, 2 * wp, c)
     return (jnp.pad(dx, ((0, 0), (0, h - 2 * hp), (0, w - 2 * wp), (0, 0))),)
 
 

@@ -220,6 +220,22 @@ class InterruptGuard:
         return False
 
 
+def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> tuple:
+    """What every training job does first: checks the workdir and the model's fit, loads the data,
+    writes config.json, builds the model, the optimizer and the device mesh.
+
+    Returns:
+      (data: splits.RunData, model, tx, learning-rate schedule, mesh).
+    """
+    check_workdir(workdir, config, overwrite)
+    layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
+    data = splits.load_run_data(config.data)
+    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    model = create_model(config.model, data.num_classes)
+    tx, schedule = create_optimizer(config.optimizer)
+    return data, model, tx, schedule, parallel.make_mesh(config.train.batch_size)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
     """Trains `config` in `workdir` and writes every output; returns the summary dict.
 
@@ -242,14 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
         from imgclf_jax.ensemble.loop import train_ensemble
 
         return train_ensemble(config, workdir, overwrite)
-    check_workdir(workdir, config, overwrite)
-    layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
-    data = splits.load_run_data(config.data)
-    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-
-    model = create_model(config.model, data.num_classes)
-    tx, schedule = create_optimizer(config.optimizer)
-    mesh = parallel.make_mesh(config.train.batch_size)
+    data, model, tx, schedule, mesh = prepare_run(config, workdir, overwrite)
     rep = parallel.replicated(mesh)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)

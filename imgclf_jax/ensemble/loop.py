@@ -37,14 +37,12 @@ import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import loop, memory, parallel, report
-from imgclf_jax.data import pipeline, splits
+from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import steps as ens_steps
 from imgclf_jax.ensemble.mapping import resolve_mapping
 from imgclf_jax.ensemble.voting import majority_vote, soft_vote, vote
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models import create_model, layer_specs
-from imgclf_jax.optim import create_optimizer
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -102,15 +100,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
       Interrupted: SIGINT or SIGTERM (after saving a checkpoint; rerun to resume).
       TrainingError: every member was frozen by a non-finite loss (raised after the reports are written).
     """
-    loop.check_workdir(workdir, config, overwrite)
-    layer_specs(config.model, config.data.image_size, 2)
     k = config.ensemble.num_members
-    data = splits.load_run_data(config.data)
-    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-
-    model = create_model(config.model, data.num_classes)
-    tx, schedule = create_optimizer(config.optimizer)
-    mesh = parallel.make_mesh(config.train.batch_size)
+    data, model, tx, schedule, mesh = loop.prepare_run(config, workdir, overwrite)
     rep = parallel.replicated(mesh)
     es = config.train.early_stopping
     keeps_best = bool(es.monitor)

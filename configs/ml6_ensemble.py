@@ -9,8 +9,8 @@ submissions merged by majority vote: about 90.9% Kaggle test accuracy.
 Here: configs/ml6.py's recipe unchanged, with 5 members trained in one job
 (seeds seed..seed+4, each its own init, dropout, data order and augmentation,
 each its own early stopping on val_accuracy with patience 13), then a majority
-vote (ties by summed probabilities). Memory: about 3.2 GiB per member at batch
-32 on one CPU device, 16 GiB for the 5 (python -m imgclf_jax.summary --config
+vote (ties by summed probabilities). Memory: about 2.2 GiB per member at batch
+32 on one CPU device, 11 GiB for the 5 (python -m imgclf_jax.summary --config
 configs/ml6_ensemble.py prints the figures for the backend at hand).
 """
 

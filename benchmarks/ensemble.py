@@ -50,7 +50,6 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
     from imgclf_jax import parallel, steps
     from imgclf_jax.config import load_config_file
     from imgclf_jax.ensemble import steps as ens_steps
-    from imgclf_jax.ensemble.loop import shard_members
     from imgclf_jax.models import create_model
     from imgclf_jax.optim import create_optimizer
 
@@ -76,7 +75,8 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
             jax.block_until_ready(single_states)
 
         separate_s = measure.seconds_per_call(separate, repeats=repeats, target_seconds=0.0)["seconds"]
-        stacked = shard_members(_batch(k, batch, image_size), mesh)
+        sharding = ens_steps.member_batch_sharded(mesh)  # as training places a stacked batch
+        stacked = {key: jax.device_put(v, sharding) for key, v in _batch(k, batch, image_size).items()}
         for mode in mappings:
             row = {"benchmark": "ensemble", "model": model_name, "members": k, "mapping": mode, "batch": batch,
                    "image_size": image_size, "backend": jax.default_backend(), "devices": mesh.size,

@@ -16,9 +16,10 @@
 # CPU for a dry run (with e.g. BENCH_IMAGE_SIZE=32 BENCH_MODELS=ml1 for a quick one).
 #
 # Knobs (environment): BENCH_MODELS (ml1,ml2,ml4,ml5,ml6), BENCH_FRAMEWORKS
-# (imgclf_jax,keras-jax,keras-tensorflow), BENCH_STEPS (steps per repeat; default: chosen so a
+# (imgclf_jax,imgclf_jax-xla,keras-jax,keras-tensorflow), BENCH_STEPS (steps per repeat; default: chosen so a
 # repeat lasts BENCH_REPEAT_SECONDS, default 3), BENCH_REPEATS (5), BENCH_BATCH (32),
-# BENCH_IMAGE_SIZE (the configs' 128), BENCH_PROFILE_MODELS (ml1,ml6), BENCH_WORKERS (0,1,2,4,8).
+# BENCH_IMAGE_SIZE (the configs' 128), BENCH_PROFILE_MODELS (ml1,ml6), BENCH_WORKERS (0,1,2,4,8),
+# BENCH_ENSEMBLE_MODEL (ml1) and BENCH_MEMBERS (1,2,4,8) for benchmarks.ensemble.
 set -uo pipefail
 
 if [ $# -ne 2 ]; then
@@ -31,9 +32,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 MODELS=${BENCH_MODELS:-ml1,ml2,ml4,ml5,ml6}
-FRAMEWORKS=${BENCH_FRAMEWORKS:-imgclf_jax,keras-jax,keras-tensorflow}
+FRAMEWORKS=${BENCH_FRAMEWORKS:-imgclf_jax,imgclf_jax-xla,keras-jax,keras-tensorflow}
 PROFILE_MODELS=${BENCH_PROFILE_MODELS:-ml1,ml6}
 WORKERS=${BENCH_WORKERS:-0,1,2,4,8}
+ENSEMBLE_MODEL=${BENCH_ENSEMBLE_MODEL:-ml1}
 STEP_FLAGS=(--repeats="${BENCH_REPEATS:-5}" --batch="${BENCH_BATCH:-32}"
             --repeat_seconds="${BENCH_REPEAT_SECONDS:-3}")
 [ -n "${BENCH_STEPS:-}" ] && STEP_FLAGS+=(--steps="$BENCH_STEPS")
@@ -88,6 +90,8 @@ for model in ${PROFILE_MODELS//,/ }; do
   run "profile_$model" benchmarks.profile_step --model="$model" --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
 done
 run input_pipeline benchmarks.input_pipeline --source=synthetic --workers="$WORKERS" "${SIZE_FLAGS[@]}"
+run ensemble benchmarks.ensemble --model="${ENSEMBLE_MODEL}" --members="${BENCH_MEMBERS:-1,2,4,8}" \
+  --mappings=vmap,unroll,map --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
 
 echo "gpu.sh: results in $OUT:" >&2
 cat "$OUT/status.txt" >&2

@@ -21,8 +21,9 @@ median per call) and, where FLOPs are defined, ``gflops`` and ``gflops_per_s``:
   (a conv on the images);
 - ``"part": "dense"`` rows likewise for the dense layers (matmuls);
 - ``"part": "pool"`` rows, per pooling layer (``pool_0`` ..., ``side_pool``):
-  ``forward`` and ``gradient`` (``jax.vjp`` of ``flax.linen.max_pool`` or
-  ``avg_pool`` with respect to its input);
+  ``forward`` and ``gradient`` (``jax.vjp`` with respect to its input of the
+  pool the model runs: :mod:`imgclf_jax.models.fast_path`'s when the fast path
+  is on, else ``flax.linen.max_pool`` / ``avg_pool``);
 - ``"part": "trace"`` rows: the real train step under ``jax.profiler``, the
   20 slowest HLO ops with their kind of work (:mod:`benchmarks.trace_step`);
 - a ``"part": "summary"`` row: the train step's seconds split into conv
@@ -168,16 +169,27 @@ def profile_convs(shapes: list[ConvShape], batch: int, repeats: int) -> list[dic
     return rows
 
 
-def profile_pools(shapes: list[PoolShape], batch: int, repeats: int) -> list[dict]:
-    """Times forward and input gradient of each pooling layer at batch `batch` (no FLOPs counted)."""
+def profile_pools(shapes: list[PoolShape], batch: int, repeats: int, fast: bool = False) -> list[dict]:
+    """Times forward and input gradient of each pooling layer at batch `batch` (no FLOPs counted).
+
+    `fast`: time the pools the model runs with its CPU fast path
+    (:mod:`imgclf_jax.models.fast_path`) instead of flax's.
+    """
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
 
+    from imgclf_jax.models import fast_path
+
     rows = []
     for s in shapes:
-        pool = functools.partial(nn.max_pool if s.kind == "max_pool" else nn.avg_pool,
-                                 window_shape=(s.size, s.size), strides=(s.size, s.size), padding="VALID")
+        if fast and s.kind == "max_pool":
+            pool = fast_path.max_pool_2x2
+        elif fast:
+            pool = functools.partial(fast_path.avg_pool, size=s.size)
+        else:
+            pool = functools.partial(nn.max_pool if s.kind == "max_pool" else nn.avg_pool,
+                                     window_shape=(s.size, s.size), strides=(s.size, s.size), padding="VALID")
         x = jax.random.uniform(jax.random.key(0), (batch, *s.input_hwc), jnp.float32)
         g = jnp.ones_like(pool(x))
         ops = {"forward": jax.jit(lambda x, g: pool(x)),
@@ -322,7 +334,7 @@ def main(argv: list[str]) -> int:
         ("whole step", lambda: profile_phases(config, batch, image_size, repeats)),
         ("convs", lambda: profile_convs(convs, batch, repeats)),
         ("pooling", lambda: profile_pools(pool_shapes(config.model, image_size, NUM_CLASSES),
-                                          batch, repeats)),
+                                          batch, repeats, fast=fast_path.enabled(config.model.fast_path))),
         ("dense layers", lambda: profile_dense(dense_shapes(config.model, image_size, NUM_CLASSES),
                                                batch, repeats)),
         ("profiler trace of the step", lambda: profile_trace(config, batch, image_size)),

@@ -8,7 +8,8 @@ Reads the JSON lines the benchmarks print (any mix of machine, train_step,
 input_pipeline and profile_step lines) and prints, for what it finds: the
 machine (from the first machine line), a train-step table (model, framework,
 images/s, GFLOP/s, share of the matmul probe, parameters, peak host RSS,
-peak device memory), an input-pipeline table (workers, images/s, ratio to the
+peak device memory), an ensemble table (K members per mapping mode against K
+separate steps), an input-pipeline table (workers, images/s, ratio to the
 train step) and, per profiled model, the shares of its train step.
 """
 
@@ -71,6 +72,18 @@ def profile_table(summary: dict) -> str:
     return _table(["part", "ms per step", "share"], body)
 
 
+def ensemble_table(rows: list[dict]) -> str:
+    """Members K, mapping, member-images/s in one step, K separate steps' rate, speed-up."""
+    body = []
+    for r in rows:
+        ours = "skipped" if r.get("skipped") else f"{r['member_images_per_s']:.1f}"
+        speedup = "-" if r.get("skipped") else f"{r['speedup']:.2f}x"
+        body.append([r["model"], str(r["members"]), r["mapping"], ours,
+                     f"{r['separate_member_images_per_s']:.1f}", speedup, f"{r['compile_seconds']:.1f}"])
+    return _table(["model", "K", "mapping", "member images/s, one step", "K separate steps", "speed-up",
+                   "first step s"], body)
+
+
 def main(argv: list[str]) -> int:
     """Prints the tables of the JSON-lines files `argv`; returns the exit status."""
     if not argv:
@@ -89,11 +102,14 @@ def main(argv: list[str]) -> int:
     pipeline_summary = next((l for l in lines if l.get("benchmark") == "input_pipeline"
                              and l.get("part") == "summary"), None)
     profiles = [l for l in lines if l.get("benchmark") == "profile_step" and l.get("part") == "summary"]
+    ensembles = [l for l in lines if l.get("benchmark") == "ensemble"]
     out = []
     if machines:
         out.append(machine_text(machines[0]))
     if steps:
         out.append(train_step_table(steps))
+    if ensembles:
+        out.append(ensemble_table(ensembles))
     if pipeline:
         out.append(input_pipeline_table(pipeline, pipeline_summary))
     for p in profiles:

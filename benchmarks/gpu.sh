@@ -5,7 +5,7 @@
 #
 # WHEELS: a folder of wheels for benchmarks/requirements-gpu.txt (see that file for how to build
 #         it; '-' to install nothing and use what the Python environment already has).
-# OUT:    the results folder (created): machine.jsonl, train_step.jsonl, profile_<model>.jsonl,
+# OUT:    the results folder (created): machine.jsonl, train_step.jsonl, profile_<model>.jsonl, ensemble.jsonl,
 #         input_pipeline.jsonl, a .log of each, status.txt (one exit status per benchmark),
 #         pip-freeze.txt and nvidia-smi.txt.
 #

@@ -5,6 +5,11 @@ Writes into the workdir (default ``runs/NAME``): config.json, history.json
 confusion_matrix.{json,png}, submission.csv (when the data has a test split)
 and checkpoints/ (latest state for resuming, result params for predicting).
 Rerunning the same command resumes an unfinished run.
+
+With ``--config.ensemble.num_members=K`` (K > 1) it trains K members (seeds
+seed..seed+K-1) in one job and also writes ``submission_member_<i>.csv``;
+history.json, summary.json and the curves then cover every member and the
+majority and soft votes (see README, "Ensembles").
 """
 
 from __future__ import annotations

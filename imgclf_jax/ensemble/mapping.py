@@ -11,13 +11,16 @@ Modes (``config.ensemble.mapping``):
 - ``'auto'``: :func:`default_mapping` for the backend.
 
 Measured on this project's CPU machine (2-core AMD EPYC, jax 0.12, attempt 1's
-train step, batch 32, 128x128; ``python -m benchmarks.ensemble`` reruns it):
-K=2: vmap 37, map 2.6, unroll 60, two separate steps 74 member-images/s;
-K=4: vmap 37, map 2.8, unroll 72, separate 70. XLA:CPU turns the vmapped
-convolution into a grouped one that runs at half speed, and its convolutions
-inside a ``lax.map`` loop body lose their fast path altogether; unrolled, the
-members run as fast as separate steps. So 'auto' is 'unroll' on CPU and
-'vmap' on other backends.
+train step with the CPU fast path, batch 32, 128x128, 2026-11-29;
+``python -m benchmarks.ensemble`` reruns it), member-images/s:
+K=2: vmap 98, map 3.7, unroll 163, two separate steps 160;
+K=4: vmap 88, map 3.6, unroll 156, separate 151;
+K=8: vmap 92, unroll 173, separate 166 (map: first step 74 s, skipped).
+XLA:CPU turns the vmapped convolution into a grouped one that runs at about
+half speed, and its convolutions inside a ``lax.map`` loop body lose their
+fast path altogether; unrolled, the members run as fast as separate steps.
+So 'auto' is 'unroll' on CPU and 'vmap' on other backends (on GPU, vmap's
+batched kernels are what wins; not measured here: no GPU was lent).
 """
 
 from __future__ import annotations

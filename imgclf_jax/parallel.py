@@ -1,8 +1,9 @@
 """Device mesh and shardings for data parallelism over all local devices (``jax.sharding``).
 
 Params and optimizer state are replicated; every batch array is split along
-its leading (batch) axis over the mesh axis 'data'. With one device this is a
-plain single-device jit.
+its batch axis over the mesh axis 'data': the leading axis, or the second one
+for an ensemble's stacked batch ``[K, B, ...]`` (members whole on every device).
+With one device this is a plain single-device jit.
 """
 
 from __future__ import annotations
@@ -37,7 +38,13 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Places a host batch (dict of numpy arrays ``[B, ...]``) on the mesh, split along B."""
-    sharding = batch_sharded(mesh)
+def member_batch_sharded(mesh: Mesh) -> NamedSharding:
+    """Sharding of a stacked ensemble batch ``[K, B, ...]``: members whole, B split over 'data'."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def shard_batch(batch: dict, mesh: Mesh, members: bool = False) -> dict:
+    """Places a host batch (dict of numpy arrays ``[B, ...]``, or ``[K, B, ...]`` with `members`)
+    on the mesh, split along B."""
+    sharding = member_batch_sharded(mesh) if members else batch_sharded(mesh)
     return {key: jax.device_put(value, sharding) for key, value in batch.items()}

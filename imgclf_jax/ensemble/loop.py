@@ -50,15 +50,9 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def shard_members(batch: dict, mesh) -> dict:
-    """Places a stacked host batch ``[K, B, ...]`` on the mesh: members whole, B split."""
-    sharding = ens_steps.member_batch_sharded(mesh)
-    return {key: jax.device_put(value, sharding) for key, value in batch.items()}
-
-
 @jax.jit
 def _select_params(mask, new, old):
-    return ens_steps._select(mask, new, old)
+    return ens_steps.select_members(mask, new, old)
 
 
 def _empty_totals(k: int) -> dict:
@@ -117,10 +111,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
     if shared:
         train = pipeline.train_pipeline(data.train, config)
-        shard = lambda batch: parallel.shard_batch(batch, mesh)  # noqa: E731
     else:
         train = pipeline.ensemble_train_pipeline(data.train, config, seeds)
-        shard = lambda batch: shard_members(batch, mesh)  # noqa: E731
     checkpoints = ckpt_lib.RunCheckpoints(workdir)
     make_state = jax.jit(lambda keys: ens_steps.create_ensemble_state(model, tx, keys, config.data.image_size),
                          out_shardings=rep)
@@ -162,7 +154,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
             epoch = progress.epoch
             trained = [not s.stopped for s in stoppers]
             state, finished = loop.run_epoch(
-                state, train, lambda st, batch: train_step(st, batch, dropout_keys), shard, progress, guard,
+                state, train, lambda st, batch: train_step(st, batch, dropout_keys),
+                lambda batch: parallel.shard_batch(batch, mesh, members=not shared), progress, guard,
                 config.train.num_epochs, _accumulate_members(progress, nan_steps, k))
             if not finished:
                 save()

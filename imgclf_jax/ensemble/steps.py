@@ -24,7 +24,6 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imgclf_jax import parallel, steps
 from imgclf_jax.ensemble.mapping import map_members
@@ -49,7 +48,7 @@ def member_keys(seed: int, num_members: int) -> tuple[jax.Array, jax.Array]:
     return jnp.stack([p[0] for p in pairs]), jnp.stack([p[1] for p in pairs])
 
 
-def _select(mask: jax.Array, new: Any, old: Any) -> Any:
+def select_members(mask: jax.Array, new: Any, old: Any) -> Any:
     """Per member, `new` where mask[i] else `old` (leaves [K, ...])."""
     return jax.tree.map(lambda n, o: jnp.where(mask.reshape((-1,) + (1,) * (n.ndim - 1)), n, o), new, old)
 
@@ -76,7 +75,7 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, m
     new, metrics = mapped(state.members, batch, keys)
     finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite(new.params)
     updated = state.active & finite
-    members = _select(updated, new, state.members)
+    members = select_members(updated, new, state.members)
     nan = state.active & ~finite
     return EnsembleState(members=members, active=updated), dict(metrics, updated=updated, finite=finite, nan=nan)
 
@@ -93,15 +92,10 @@ def ensemble_eval_step(params: Any, batch: dict, *, model, l2: float, mode: str)
     return map_members(step_fn, mode, num_members, (0, None))(params, batch)
 
 
-def member_batch_sharded(mesh) -> NamedSharding:
-    """Sharding of a stacked batch ``[K, B, ...]``: members whole, the batch axis split over 'data'."""
-    return NamedSharding(mesh, P(None, "data"))
-
-
 def jit_train_step(model, tx, l2: float, mesh, mode: str, shared_data: bool) -> Callable:
     """:func:`ensemble_train_step` compiled over `mesh`: state replicated and donated, batch split on B."""
     rep = parallel.replicated(mesh)
-    split = parallel.batch_sharded(mesh) if shared_data else member_batch_sharded(mesh)
+    split = parallel.batch_sharded(mesh) if shared_data else parallel.member_batch_sharded(mesh)
 
     def step(state, batch, keys):
         return ensemble_train_step(state, batch, keys, model=model, tx=tx, l2=l2, mode=mode,
@@ -118,7 +112,7 @@ def jit_eval_step(model, l2: float, mesh, mode: str) -> Callable:
         return ensemble_eval_step(params, batch, model=model, l2=l2, mode=mode)
 
     return jax.jit(step, in_shardings=(rep, parallel.batch_sharded(mesh)),
-                   out_shardings=(rep, member_batch_sharded(mesh)))
+                   out_shardings=(rep, parallel.member_batch_sharded(mesh)))
 
 
 def create_ensemble_state(model, tx, init_keys: jax.Array, image_size: int) -> EnsembleState:

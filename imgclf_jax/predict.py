@@ -72,10 +72,13 @@ def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str
     return ids, paths
 
 
-def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | None = None) -> np.ndarray:
-    """Class probabilities of the images at `paths` with the run's result weights.
+def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and labels of the images at `paths` with the run's result weights.
 
-    Returns ``float32[N, C]``, or ``float32[K, N, C]`` (one row per member) for a K-member ensemble run.
+    Returns:
+      (probabilities ``float32[N, C]``, or ``float32[K, N, C]`` (one row per member) for a
+      K-member ensemble run; labels ``int64[N]``: the argmax, or the ensemble's ``ensemble.vote``).
 
     Raises:
       ConfigError: `workdir` holds no finished run (no config.json or result checkpoint).
@@ -103,31 +106,24 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     def init(key):
         return steps.init_params(model, key, config.data.image_size)
 
-    keys = jax.random.split(jax.random.key(0), num_members)
-    abstract = jax.eval_shape(jax.vmap(init) if num_members > 1 else init, keys if num_members > 1 else keys[0])
+    if num_members == 1:
+        abstract = jax.eval_shape(init, jax.random.key(0))
+    else:  # an ensemble's result: every leaf stacked on a leading member axis
+        abstract = jax.eval_shape(jax.vmap(init), jax.random.split(jax.random.key(0), num_members))
     params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)))
     checkpoints.close()
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
-    if num_members > 1:
-        from imgclf_jax.ensemble import mapping, steps as ens_steps
-
-        mode = mapping.resolve_mapping(config.ensemble.mapping)
-        eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
-    else:
-        eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
-    return loop.evaluate(eval_step, params, split, config, mesh).probabilities
-
-
-def predict_labels(workdir: str, probabilities: np.ndarray) -> np.ndarray:
-    """int64[N] labels: the argmax, or for an ensemble's ``[K, N, C]`` the run's ``ensemble.vote`` rule."""
-    if probabilities.ndim == 2:
-        return np.argmax(probabilities, axis=-1)
+    if num_members == 1:
+        evaluation = loop.evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh)
+        return evaluation.probabilities, evaluation.predictions
+    from imgclf_jax.ensemble import mapping, steps as ens_steps
     from imgclf_jax.ensemble.voting import vote
 
-    with open(os.path.join(workdir, "config.json")) as f:
-        rule = json.load(f).get("ensemble", {}).get("vote", "majority")
-    return vote(probabilities, rule)
+    mode = mapping.resolve_mapping(config.ensemble.mapping)
+    eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
+    probabilities = loop.evaluate(eval_step, params, split, config, mesh).probabilities
+    return probabilities, vote(probabilities, config.ensemble.vote)
 
 
 def main(argv: list[str]) -> int:
@@ -145,10 +141,10 @@ def main(argv: list[str]) -> int:
     from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
 
     fast_path.configure_xla()
-    probabilities = predict(values["workdir"], ids, paths, values["batch_size"])
+    _, labels = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 
-    write_submission(values["out"], ids, predict_labels(values["workdir"], probabilities))
+    write_submission(values["out"], ids, labels)
     print(f"wrote {values['out']} ({len(ids)} predictions)")
     return 0
 

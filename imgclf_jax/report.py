@@ -46,6 +46,19 @@ def _pyplot():
     return plt
 
 
+def _finish_curve(plt, fig, ax, metric: str, title: str, path: str, title_size="large", **legend) -> None:
+    """Labels a per-epoch curve plot (whole-number epochs), saves it to `path` and closes it."""
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=title_size)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot_curves(history: list[dict], workdir: str) -> None:
     """Writes accuracy.png and loss.png (train vs validation per epoch)."""
     plt = _pyplot()
@@ -54,15 +67,7 @@ def plot_curves(history: list[dict], workdir: str) -> None:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per epoch")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(workdir, name), dpi=100)
-        plt.close(fig)
+        _finish_curve(plt, fig, ax, metric, f"{metric} per epoch", os.path.join(workdir, name))
 
 
 def plot_member_curves(history: list[dict], workdir: str) -> None:
@@ -88,15 +93,8 @@ def plot_member_curves(history: list[dict], workdir: str) -> None:
             for rule, color in (("majority", "black"), ("soft", "dimgray")):
                 ax.plot(epochs, [h[f"{rule}_val_accuracy"] for h in history], "o-", color=color, lw=2.5,
                         label=f"{rule} vote (validation)")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} per epoch, {k} members (dashed: train, solid: validation)", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.path.join(workdir, name), dpi=100)
-        plt.close(fig)
+        _finish_curve(plt, fig, ax, metric, f"{metric} per epoch, {k} members (dashed: train, solid: validation)",
+                      os.path.join(workdir, name), title_size=9, fontsize=7, ncol=2)
 
 
 def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str) -> None:

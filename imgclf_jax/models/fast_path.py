@@ -51,6 +51,22 @@ ENV = "IMGCLF_JAX_FAST_PATH"
 SETTINGS = ("auto", "on", "off")
 
 
+def _env_setting() -> bool | None:
+    """``IMGCLF_JAX_FAST_PATH``: True (1/on), False (0/off) or None (unset).
+
+    Raises:
+      ValueError: any other value.
+    """
+    env = os.environ.get(ENV, "").strip().lower()
+    if not env:
+        return None
+    if env in ("0", "off", "false", "no"):
+        return False
+    if env in ("1", "on", "true", "yes"):
+        return True
+    raise ValueError(f"environment variable {ENV}={env!r}: expected 0 (off) or 1 (on)")
+
+
 def enabled(setting: str = "auto", backend: str | None = None) -> bool:
     """Whether the fast path is used: the env var, then the config `setting`, then the backend.
 
@@ -61,13 +77,9 @@ def enabled(setting: str = "auto", backend: str | None = None) -> bool:
     Raises:
       ValueError: an unknown `setting` or value of ``IMGCLF_JAX_FAST_PATH``.
     """
-    env = os.environ.get(ENV, "").strip().lower()
-    if env:
-        if env in ("0", "off", "false", "no"):
-            return False
-        if env in ("1", "on", "true", "yes"):
-            return True
-        raise ValueError(f"environment variable {ENV}={env!r}: expected 0 (off) or 1 (on)")
+    forced = _env_setting()
+    if forced is not None:
+        return forced
     if setting not in SETTINGS:
         raise ValueError(f"fast_path setting {setting!r}: expected one of {SETTINGS}")
     if setting != "auto":
@@ -87,7 +99,7 @@ def configure_xla(setting: str = "auto") -> bool:
     choice wins), or when jax's backends are already running (then it would not apply).
     On non-CPU backends the flag changes nothing.
     """
-    if os.environ.get(ENV, "").strip().lower() in ("0", "off", "false", "no") or setting == "off":
+    if _env_setting() is False or setting == "off":
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:

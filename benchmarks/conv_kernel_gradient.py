@@ -34,12 +34,6 @@ DN = ("NHWC", "HWIO", "NHWC")
 METHODS = ("xla", "shift", "rows", "patches")
 
 
-def _pads(padding: str, k: int):
-    if padding == "SAME":
-        return ((k - 1) // 2, k - 1 - (k - 1) // 2)
-    return (0, 0)
-
-
 def kernel_gradient(method: str, x, g, k: int, padding: str):
     """float32[k, k, C_in, C_out] kernel gradient of a stride-1 conv by `method` (see the module docstring).
 
@@ -59,8 +53,8 @@ def kernel_gradient(method: str, x, g, k: int, padding: str):
     if method == "patches":
         p = jax.lax.conv_general_dilated_patches(x, (k, k), (1, 1), padding, dimension_numbers=DN)
         return jnp.einsum("bhwp,bhwo->po", p, g).reshape(cin, k, k, cout).transpose(1, 2, 0, 3)
-    pad = _pads(padding, k)
-    xp = jnp.pad(x, ((0, 0), pad, pad, (0, 0)))
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], (k, k), (1, 1), padding)
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
     if method == "shift":
         return jnp.stack([jnp.stack([jnp.einsum("bhwc,bhwo->co", xp[:, i:i + ho, j:j + wo, :], g)
                                      for j in range(k)]) for i in range(k)])
@@ -73,31 +67,13 @@ def kernel_gradient(method: str, x, g, k: int, padding: str):
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
 
-def conv_layers(model_config, image_size: int) -> list[dict]:
-    """The conv layers of a config: name, input shape (H, W, C_in), kernel size, padding, C_out."""
-    from imgclf_jax.models import layer_specs
-
-    m, previous, convs, out = model_config, (image_size, image_size, 3), iter(range(len(model_config.conv_filters))), []
-    for spec in layer_specs(m, image_size, 5):
-        if spec.kind == "conv":
-            if spec.branch == "side":
-                out.append({"layer": spec.name, "input_shape": (image_size, image_size, 3),
-                            "kernel": m.side_kernel_size, "padding": "SAME", "out_channels": spec.output_shape[-1]})
-            else:
-                i = next(convs)
-                out.append({"layer": spec.name, "input_shape": previous, "kernel": m.conv_kernel_sizes[i],
-                            "padding": m.conv_paddings[i].upper(), "out_channels": spec.output_shape[-1]})
-        if spec.branch == "main":
-            previous = spec.output_shape
-    return out
-
-
 def main(argv: list[str]) -> int:
     """Runs the benchmark on command-line words `argv` (see the module docstring); returns the exit status."""
     import jax
 
     from benchmarks import measure
-    from imgclf_jax.config import load_config_file
+    from benchmarks.profile_step import conv_shapes
+    from benchmarks.train_step import load_model_config
 
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
     from imgclf_jax.models import fast_path
@@ -105,10 +81,10 @@ def main(argv: list[str]) -> int:
     fast_path.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
     batch, repeats = values["batch"] or 32, values["repeats"] or 3
     for model in (values["models"] or "ml1,ml6").split(","):
-        config = load_config_file(f"configs/{model}.py")
-        for layer in conv_layers(config.model, config.data.image_size):
-            h, w, cin = layer["input_shape"]
-            k, padding, cout = layer["kernel"], layer["padding"], layer["out_channels"]
+        config = load_model_config(model)
+        for layer in conv_shapes(config.model, config.data.image_size, 5):
+            h, w, cin = layer.input_hwc
+            k, padding, cout = layer.kernel, layer.padding, layer.out_channels
             x = jax.random.normal(jax.random.key(0), (batch, h, w, cin))
             kernel = jax.random.normal(jax.random.key(1), (k, k, cin, cout))
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=DN)
@@ -123,7 +99,9 @@ def main(argv: list[str]) -> int:
                                                    target_seconds=0.0)["seconds"]
                 xla_seconds = xla_seconds or seconds
                 print(json.dumps({
-                    "benchmark": "conv_kernel_gradient", "model": model, **layer, "batch": batch,
+                    "benchmark": "conv_kernel_gradient", "model": model, "layer": layer.name,
+                    "input_shape": list(layer.input_hwc), "kernel": k, "padding": padding, "out_channels": cout,
+                    "batch": batch,
                     "method": method, "seconds": seconds, "gflops_per_s": flops / seconds / 1e9,
                     "speedup_vs_xla": xla_seconds / seconds,
                     "max_rel_error": float(np.max(np.abs(result - reference)) / np.max(np.abs(reference))),

@@ -34,27 +34,20 @@ FLAGS = {"model": str, "members": str, "mappings": str, "batch": int, "image_siz
          "max_step_seconds": float}
 
 
-def _batch(k: int | None, batch: int, size: int, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    lead = (k, batch) if k else (batch,)
-    return {"image": rng.random(lead + (size, size, 3), dtype=np.float32),
-            "label": rng.integers(0, 5, lead).astype(np.int32), "mask": np.ones(lead, bool)}
-
-
 def run(model_name: str, members: list[int], mappings: list[str], batch: int, image_size: int, repeats: int,
         max_step_seconds: float) -> list[dict]:
     """Measures every (K, mapping); returns the rows (also printed as they come)."""
     import jax
 
     from benchmarks import measure
+    from benchmarks.step_imgclf import synthetic_batch
+    from benchmarks.train_step import load_model_config
     from imgclf_jax import parallel, steps
-    from imgclf_jax.config import load_config_file
     from imgclf_jax.ensemble import steps as ens_steps
     from imgclf_jax.models import create_model
     from imgclf_jax.optim import create_optimizer
 
-    path = model_name if model_name.endswith(".py") else f"configs/{model_name}.py"
-    config = load_config_file(path)
+    config = load_model_config(model_name)
     model = create_model(config.model, 5)
     tx, _ = create_optimizer(config.optimizer)
     mesh = parallel.make_mesh(batch)
@@ -67,7 +60,8 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
         # K plain steps, one after another (what K separate runs do), on K states.
         single_states = [jax.device_put(steps.create_train_state(model, tx, init_keys[i], image_size), rep)
                          for i in range(k)]
-        single_batch = parallel.shard_batch(_batch(None, batch, image_size), mesh)
+        member_batches = [synthetic_batch(batch, image_size, 5, seed=i) for i in range(k)]
+        single_batch = parallel.shard_batch(member_batches[0], mesh)
 
         def separate():
             for i in range(k):
@@ -75,8 +69,8 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
             jax.block_until_ready(single_states)
 
         separate_s = measure.seconds_per_call(separate, repeats=repeats, target_seconds=0.0)["seconds"]
-        sharding = ens_steps.member_batch_sharded(mesh)  # as training places a stacked batch
-        stacked = {key: jax.device_put(v, sharding) for key, v in _batch(k, batch, image_size).items()}
+        stacked = parallel.shard_batch({key: np.stack([b[key] for b in member_batches])
+                                        for key in member_batches[0]}, mesh, members=True)
         for mode in mappings:
             row = {"benchmark": "ensemble", "model": model_name, "members": k, "mapping": mode, "batch": batch,
                    "image_size": image_size, "backend": jax.default_backend(), "devices": mesh.size,

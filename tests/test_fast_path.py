@@ -96,6 +96,49 @@ def test_avg_pool_equals_flax_avg_pool_values_and_gradients(shape, size):
     np.testing.assert_allclose(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (32, 64, 64, 7), (1,), (4, 1, 3)])
+@pytest.mark.parametrize("p", [0.9, 0.85, 0.6])
+def test_bernoulli_equals_jax_random_bernoulli_bit_for_bit(shape, p):
+    keys = [jax.random.key(3), jax.random.PRNGKey(7), jax.random.fold_in(jax.random.key(1), 2**31 + 5)]
+    for key in keys:
+        ours = jax.jit(lambda k: fast_path.bernoulli(k, p, shape))(key)
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(jax.random.bernoulli(key, p, shape)))
+    assert 0.3 < float(jnp.mean(ours)) < 1.0 or ours.size < 100  # a mask, not a constant
+
+
+def test_bernoulli_under_vmap_and_for_other_prng_implementations():
+    keys = jax.random.split(jax.random.key(5), 3)  # an ensemble's member keys
+    ours = jax.vmap(lambda k: fast_path.bernoulli(k, 0.9, (4, 6, 6, 2)))(keys)
+    ref = jax.vmap(lambda k: jax.random.bernoulli(k, 0.9, (4, 6, 6, 2)))(keys)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    assert not np.array_equal(np.asarray(ours[0]), np.asarray(ours[1]))
+    rbg = jax.random.key(5, impl="rbg")  # not threefry: jax.random.bernoulli itself
+    np.testing.assert_array_equal(np.asarray(fast_path.bernoulli(rbg, 0.8, (3, 5))),
+                                  np.asarray(jax.random.bernoulli(rbg, 0.8, (3, 5))))
+
+
+def test_threefry2x32_matches_the_random123_known_answer():
+    # Known-answer vectors of Threefry-2x32-20 from Random123's kat_vectors (also in jax's tests).
+    key, count = np.uint32([0x13198A2E, 0x03707344]), np.uint32([0x243F6A88, 0x85A308D3])
+    out = fast_path.threefry2x32(*(jnp.asarray(v) for v in (*key, *count)))
+    assert [int(v) for v in out] == [0xC4923A9C, 0x483DF7A0]
+    out = fast_path.threefry2x32(*(jnp.uint32(0xFFFFFFFF) for _ in range(4)))
+    assert [int(v) for v in out] == [0x1CB996FC, 0xBB002BE7]
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_fast_dropout_layer_equals_flax_dropout(rate):
+    from imgclf_jax.models.cnn import FastDropout
+
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+    rngs = {"dropout": jax.random.key(4)}
+    ref = nn.Dropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+    ours = FastDropout(rate).apply({}, x, deterministic=False, rngs=rngs)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    assert 0 < int(jnp.sum(ours == 0)) < x.size
+    np.testing.assert_array_equal(np.asarray(FastDropout(rate).apply({}, x, deterministic=True)), np.asarray(x))
+
+
 def test_configure_xla_adds_the_cpu_flag_once_and_respects_the_user(monkeypatch):
     from jax._src import xla_bridge
 

@@ -25,6 +25,62 @@ def test_max_pool_values_and_gradients_equal_flax_max_pool_bit_for_bit(shape):
     np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
 
 
+def _conv_pool_shapes():
+    """(config, layer, input shape at batch 1, k, C_out, padding) of every conv followed by a max pool."""
+    from imgclf_jax.models.cnn import layer_specs
+
+    shapes = []
+    for name in ("ml1", "ml2", "ml4", "ml5", "ml6", "digits"):
+        m = config_lib.load_config_file(f"configs/{name}.py")
+        size = m.data.image_size
+        shape = (size, size, 3)
+        for i, spec in enumerate(r for r in layer_specs(m.model, size, 5) if r.branch == "main"):
+            if spec.kind == "conv":
+                j = int(spec.name.split("_")[1])
+                if m.model.conv_pools[j]:
+                    shapes.append((name, spec.name, (1, *shape), m.model.conv_kernel_sizes[j],
+                                   m.model.conv_filters[j], m.model.conv_paddings[j].upper()))
+            shape = spec.output_shape
+    return shapes
+
+
+@pytest.mark.parametrize("config,layer,shape,k,c_out,padding", _conv_pool_shapes())
+def test_conv_relu_max_pool_equals_the_separate_layers_for_every_config_shape(config, layer, shape, k, c_out,
+                                                                               padding):
+    """Values, input and kernel gradients bit for bit; bias gradient to float rounding."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 4) / 4  # coarse values: ties in the windows
+    kernel = jnp.round(jax.random.normal(jax.random.key(1), (k, k, shape[-1], c_out)) * 4) / 16
+    bias = jnp.round(jax.random.normal(jax.random.key(2), (c_out,)) * 4) / 4
+
+    def separate(x, kernel, bias):
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+        return nn.max_pool(jax.nn.relu(y), (2, 2), strides=(2, 2), padding="VALID")
+
+    fused = lambda x, kernel, bias: fast_path.conv_relu_max_pool(x, kernel, bias, padding)  # noqa: E731
+    (y_ref, vjp_ref), (y, vjp) = (jax.vjp(jax.jit(f), x, kernel, bias) for f in (separate, fused))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    assert 0 < float(jnp.mean(y > 0)) < 1  # some windows cut by the ReLU, some not
+    g = jax.random.normal(jax.random.key(3), y.shape)
+    (gx_ref, gk_ref, gb_ref), (gx, gk, gb) = vjp_ref(g), vjp(g)
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(gx_ref))
+    np.testing.assert_array_equal(np.asarray(gk), np.asarray(gk_ref))
+    np.testing.assert_allclose(np.asarray(gb), np.asarray(gb_ref), rtol=1e-5, atol=1e-4)
+
+
+def test_fast_path_models_initialize_the_same_params(monkeypatch):
+    monkeypatch.delenv(fast_path.ENV, raising=False)
+    c = config_lib.load_config_file("configs/ml6.py")
+    images = jnp.zeros((1, 64, 64, 3))
+    params = {}
+    for setting in ("off", "on"):
+        c.model.fast_path = setting
+        params[setting] = create_model(c.model, 5).init(jax.random.key(7), images, train=False)["params"]
+    assert jax.tree.structure(params["on"]) == jax.tree.structure(params["off"])
+    for a, b in zip(jax.tree.leaves(params["off"]), jax.tree.leaves(params["on"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_one_place_decides_env_var_then_config_then_backend(monkeypatch):
     monkeypatch.delenv(fast_path.ENV, raising=False)
     assert fast_path.enabled("auto", "cpu") and not fast_path.enabled("auto", "gpu")

@@ -64,6 +64,28 @@ class FastDropout(nn.Module):
         return fast_path_lib.dropout(x, self.rate, self.make_rng("dropout"))
 
 
+class ConvReluMaxPool(nn.Module):
+    """``nn.Conv`` (stride 1) -> ReLU -> 2x2/2 max pool as one op: :func:`imgclf_jax.models.fast_path.conv_relu_max_pool`.
+
+    The same parameters as ``nn.Conv(features, (k, k), padding=padding)`` with
+    this module's initializers ('kernel' float32[k, k, C_in, features], HWIO, then
+    'bias' float32[features], drawn in that order), so a run may switch between
+    this and the separate layers. Input float32[B, H, W, C_in]; output
+    float32[B, H' // 2, W' // 2, features].
+    """
+
+    features: int
+    kernel_size: int
+    padding: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", _KERNEL_INIT, (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", _BIAS_INIT, (self.features,), jnp.float32)
+        return fast_path_lib.conv_relu_max_pool(x, kernel, bias, self.padding)
+
+
 class BranchedCNN(nn.Module):
     """The reference CNN: main conv branch, optional pooled side branch, dense head; returns logits.
 
@@ -113,13 +135,14 @@ class BranchedCNN(nn.Module):
         layers = zip(self.conv_filters, self.conv_kernel_sizes, self.conv_paddings,
                      self.conv_pools, self.conv_dropouts)
         for i, (filters, kernel, padding, pool, rate) in enumerate(layers):
-            x = nn.Conv(filters, (kernel, kernel), strides=(1, 1), padding=padding.upper(),
-                        kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"conv_{i}")(x)
-            x = nn.relu(x)
             if pool and self.fast_path:
-                x = fast_path_lib.max_pool_2x2(x)
-            elif pool:
-                x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+                x = ConvReluMaxPool(filters, kernel, padding.upper(), name=f"conv_{i}")(x)
+            else:
+                x = nn.Conv(filters, (kernel, kernel), strides=(1, 1), padding=padding.upper(),
+                            kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"conv_{i}")(x)
+                x = nn.relu(x)
+                if pool:
+                    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
             if rate > 0:
                 x = self._dropout(rate, f"conv_dropout_{i}")(x, deterministic=not train)
         x = x.reshape((x.shape[0], -1))  # row-major (H, W, C), as Keras's Flatten

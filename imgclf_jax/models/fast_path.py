@@ -48,6 +48,7 @@ whole ml1 and ml6 steps slower, so the convs stay XLA's.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -141,15 +142,56 @@ def avg_pool(x: jax.Array, size: int) -> jax.Array:
     return x[:, : hp * size, : wp * size, :].reshape(b, hp, size, wp, size, c).mean(axis=(2, 4))
 
 
-def _pool_windows(x: jax.Array) -> jax.Array:
-    """float[B, H, W, C] -> [B, H//2, 2, W//2, 2, C]: the 2x2 windows (odd last row/column dropped)."""
-    b, h, w, c = x.shape
-    return x[:, : h // 2 * 2, : w // 2 * 2, :].reshape(b, h // 2, 2, w // 2, 2, c)
+def _window_corners(x: jax.Array) -> list[jax.Array]:
+    """float[B, H, W, C] -> the 2x2 windows' four elements, row-major: 4 x [B, H//2, W//2, C].
+
+    An odd last row or column is dropped ('valid' pooling).
+    """
+    hp, wp = x.shape[1] // 2, x.shape[2] // 2
+    return [x[:, r: 2 * hp: 2, c: 2 * wp: 2, :] for r in (0, 1) for c in (0, 1)]
+
+
+def _pool_max(x: jax.Array) -> jax.Array:
+    """The 2x2/2 'valid' max pool as three elementwise maxima (a loop XLA fuses with its neighbours)."""
+    a, b, c, d = _window_corners(x)
+    return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
+
+
+def _first_max_index(x: jax.Array, pooled: jax.Array) -> jax.Array:
+    """int8[B, H//2, W//2, C]: which of each window's 4 elements (row-major) is the first equal to `pooled`.
+
+    The element the gradient of a max pool goes to: ``select_and_scatter`` with
+    ``ge``, XLA's gradient of ``reduce_window`` max, sends it to the first maximum.
+    """
+    a, b, c, _ = _window_corners(x)
+    return jnp.where(a == pooled, 0, jnp.where(b == pooled, 1, jnp.where(c == pooled, 2, 3))).astype(jnp.int8)
+
+
+def _route_to_max(index: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The max pool's input gradient: float[shape] = `g` at each window's `index` element, 0 elsewhere.
+
+    One elementwise expression over the windows' own layout [B, H//2, 2, W//2, 2, C]
+    (a reshape gives [B, H, W, C]), so XLA writes it in one pass, or fuses it into
+    the transpose that the next convolution's kernel gradient reads.
+    """
+    b, h, w, c = shape
+    hp, wp = h // 2, w // 2
+    corner = jnp.arange(4, dtype=jnp.int8).reshape(1, 1, 2, 1, 2, 1)
+    dx = jnp.where(index[:, :, None, :, None, :] == corner, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    dx = dx.reshape(b, 2 * hp, 2 * wp, c)
+    if (h, w) != (2 * hp, 2 * wp):
+        dx = jnp.pad(dx, ((0, 0), (0, h - 2 * hp), (0, w - 2 * wp), (0, 0)))
+    return dx
 
 
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pool, stride 2, 'valid' padding (= ``flax.linen.max_pool(x, (2, 2), (2, 2), 'VALID')``).
+
+    Values and gradients equal flax's bit for bit (the gradient goes to each
+    window's first maximum, row-major). The model uses :func:`conv_relu_max_pool`,
+    which contains this pool; this standalone op is what ``benchmarks.profile_step``
+    times per pool.
 
     Args:
       x: float[B, H, W, C].
@@ -157,34 +199,78 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     Returns:
       float[B, H // 2, W // 2, C].
     """
-    return _pool_windows(x).max(axis=(2, 4))
+    return _pool_max(x)
 
 
 def _max_pool_fwd(x):
-    y = max_pool_2x2(x)
+    y = _pool_max(x)
     return y, (x, y)
 
 
 def _max_pool_bwd(residuals, g):
     x, y = residuals
-    b, h, w, c = x.shape
-    windows = _pool_windows(x)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for row in (0, 1):
-        cols = []
-        for col in (0, 1):
-            hit = (windows[:, :, row, :, col, :] == y) & ~taken  # the first maximum gets the gradient
-            taken = taken | hit
-            cols.append(jnp.where(hit, g, jnp.zeros_like(g)))
-        rows.append(jnp.stack(cols, axis=3))  # [B, H/2, W/2, 2, C]
-    # Stacked in the windows' own layout [B, H/2, 2, W/2, 2, C]: a reshape, no transpose, gives [B, H, W, C].
-    hp, wp = h // 2, w // 2
-    dx = jnp.stack(rows, axis=2).reshape(b, 2 * hp, 2 * wp, c)
-    return (jnp.pad(dx, ((0, 0), (0, h - 2 * hp), (0, w - 2 * wp), (0, 0))),)
+    return (_route_to_max(_first_max_index(x, y), g, x.shape),)
 
 
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# --------------------------------------------------------------------------- conv + ReLU + max pool
+
+CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")  # flax.linen.Conv's, and Keras's channels-last
+
+
+def _conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=CONV_DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def conv_relu_max_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, padding: str) -> jax.Array:
+    """``max_pool_2x2(relu(conv(x, kernel) + bias))``: one conv block of the reference CNN.
+
+    Equals ``nn.max_pool(nn.relu(nn.Conv(...)(x)), (2, 2), (2, 2), 'VALID')``
+    (stride-1 conv, no dilation): the same values bit for bit, the same input and
+    kernel gradients bit for bit, the bias gradient to float rounding (summed over
+    the pooled positions, the only ones whose gradient is not zero). Computed in
+    another order, which is exact: the pool is taken before the bias and the ReLU
+    (adding a per-channel constant and a ReLU are monotonic, so they commute with
+    the max, and the gradient's first maximum is the same element), so the
+    full-size activations are written once (the conv's output) instead of three
+    times (conv, bias + ReLU, pool input); the backward pass builds the
+    full-size gradient in one pass from a per-window int8 index.
+    attempt 1's step: 170 -> 183 images/s on the 2-core EPYC (benchmarks/README.md).
+
+    Args:
+      x: float32[B, H, W, C_in].
+      kernel: float32[k, k, C_in, C_out] (HWIO, as ``nn.Conv``'s 'kernel').
+      bias: float32[C_out].
+      padding: 'SAME' or 'VALID' (static).
+
+    Returns:
+      float32[B, H' // 2, W' // 2, C_out], H' = H for 'SAME', H - k + 1 for 'VALID'.
+    """
+    return jnp.maximum(_pool_max(_conv(x, kernel, padding)) + bias, 0.0)
+
+
+def _conv_relu_max_pool_fwd(x, kernel, bias, padding):
+    y = _conv(x, kernel, padding)
+    pooled = _pool_max(y) + bias
+    # Materialized once: left free, XLA recomputes pool and ReLU inside the next layer's transposes.
+    out = lax.optimization_barrier(jnp.maximum(pooled, 0.0))
+    return out, (x, kernel, bias, y, pooled)
+
+
+def _conv_relu_max_pool_bwd(padding, residuals, g):
+    x, kernel, bias, y, pooled = residuals
+    g_pooled = jnp.where(pooled > 0, g, jnp.zeros_like(g))  # ReLU's gradient (0 at 0, as jax.nn.relu)
+    # The unpooled values are y + bias as the separate layers computed them, so ties resolve as there.
+    g_y = _route_to_max(_first_max_index(y + bias, pooled), g_pooled, y.shape)
+    _, conv_vjp = jax.vjp(lambda v, k: _conv(v, k, padding), x, kernel)
+    g_x, g_kernel = conv_vjp(g_y)
+    return g_x, g_kernel, g_pooled.sum(axis=(0, 1, 2))
+
+
+conv_relu_max_pool.defvjp(_conv_relu_max_pool_fwd, _conv_relu_max_pool_bwd)
 
 
 # --------------------------------------------------------------------------- dropout

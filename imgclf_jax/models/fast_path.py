@@ -5,13 +5,21 @@ for the CPU backend, off elsewhere: on GPU, cuDNN's kernels already win),
 'on' or 'off'; the environment variable ``IMGCLF_JAX_FAST_PATH=0`` turns it
 off whatever the config says (``=1`` turns it on). The results do not change:
 every fast op computes the same values and gradients as the op it replaces
-(bit for bit for the max pool and the dropout mask; to float rounding for the conv, see
-tests/test_fast_path.py), so a run may switch between them and resume.
+(bit for bit for the max pool, the conv block's values and input/kernel
+gradients, and the dropout mask; to float rounding for the conv block's bias
+gradient and the average pool, see tests/test_fast_path.py), so a run may
+switch between them and resume.
 
 Ops:
 
+- :func:`conv_relu_max_pool` (:class:`imgclf_jax.models.cnn.ConvReluMaxPool`):
+  every conv followed by a max pool, as one op with a custom VJP that pools
+  before the bias and the ReLU (exact: both commute with the max) and writes
+  the full-size activations and their gradient once each instead of three and
+  two times. Attempt 1's step: 170 -> 183 images/s.
+
 - :func:`max_pool_2x2`: the 2x2, stride-2, 'valid' max pool of the reference
-  models. XLA:CPU lowers the gradient of ``reduce_window`` max
+  models, as the conv block computes it. XLA:CPU lowers the gradient of ``reduce_window`` max
   (``select_and_scatter``) to index arrays, an argmax reduce-window and a
   scatter: measured 359 ms for attempt 1's first pool (32x126x126x32) on the
   2-core EPYC, against 45 ms for this custom VJP, which compares each of the
@@ -29,7 +37,8 @@ Ops:
   as ``flax.linen.Dropout`` bit for bit, with the Threefry cipher written in
   ``jnp`` ops (:func:`threefry2x32`) so that XLA:CPU fuses it into one loop;
   jax lowers its own threefry on the CPU as a rolled loop over memory. The
-  three dropout masks of attempt 6's convs: 340 ms a step against about 25.
+  three dropout masks of attempt 6's convs, each timed alone: 340 ms against
+  22 ms; attempt 6's step: 22.2 -> 25.8 images/s.
 
 And one XLA:CPU setting, :data:`XLA_CPU_FLAG` (``XLA_FLAGS``, so it must be set
 before jax starts its backends; :func:`configure_xla` does that for the
@@ -43,7 +52,10 @@ Tried and left out (numbers in benchmarks/README.md, "CPU fast path"; rerun
 with ``python -m benchmarks.conv_kernel_gradient``): computing conv kernel
 gradients as shifted matmuls instead of XLA's convolution over the batch. On
 this project's 2-core EPYC it was faster for some layers alone but made the
-whole ml1 and ml6 steps slower, so the convs stay XLA's.
+whole ml1 and ml6 steps slower, so the convs stay XLA's. Also left out: the
+kernel gradient from explicitly transposed operands (ml1 +3%, ml6 -4%), and
+jax's own unrolled threefry lowering (a global registration; without the
+barrier it made ml6 slower, 14.5 against 21.8 images/s).
 """
 
 from __future__ import annotations

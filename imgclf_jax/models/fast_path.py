@@ -176,7 +176,10 @@ def _first_max_index(x: jax.Array, pooled: jax.Array) -> jax.Array:
     ``ge``, XLA's gradient of ``reduce_window`` max, sends it to the first maximum.
     """
     a, b, c, _ = _window_corners(x)
-    return jnp.where(a == pooled, 0, jnp.where(b == pooled, 1, jnp.where(c == pooled, 2, 3))).astype(jnp.int8)
+    index = jnp.where(a == pooled, 0, jnp.where(b == pooled, 1, jnp.where(c == pooled, 2, 3))).astype(jnp.int8)
+    # Materialized (a quarter-size int8 array): left free, XLA fuses the comparisons into each of
+    # the 4 full-size gradient elements that read the index (ml1's step: +8%, ml6's: +4%).
+    return lax.optimization_barrier(index)
 
 
 def _route_to_max(index: jax.Array, g: jax.Array, shape: tuple[int, ...]) -> jax.Array:

@@ -23,7 +23,9 @@ median per call) and, where FLOPs are defined, ``gflops`` and ``gflops_per_s``:
 - ``"part": "pool"`` rows, per pooling layer (``pool_0`` ..., ``side_pool``):
   ``forward`` and ``gradient`` (``jax.vjp`` with respect to its input of the
   pool the model runs: :mod:`imgclf_jax.models.fast_path`'s when the fast path
-  is on, else ``flax.linen.max_pool`` / ``avg_pool``);
+  is on (``max_pool_2x2``, the pool and gradient routing that
+  ``conv_relu_max_pool`` runs inside the conv block), else ``flax.linen.max_pool``
+  / ``avg_pool``);
 - ``"part": "trace"`` rows: the real train step under ``jax.profiler``, the
   20 slowest HLO ops with their kind of work (:mod:`benchmarks.trace_step`);
 - a ``"part": "summary"`` row: the train step's seconds split into conv

@@ -65,7 +65,7 @@ class FastDropout(nn.Module):
 
 
 class ConvReluMaxPool(nn.Module):
-    """``nn.Conv`` (stride 1) -> ReLU -> 2x2/2 max pool as one op: :func:`imgclf_jax.models.fast_path.conv_relu_max_pool`.
+    """``nn.Conv`` (stride 1) -> ReLU -> 2x2/2 max pool as one op (:func:`fast_path.conv_relu_max_pool`).
 
     The same parameters as ``nn.Conv(features, (k, k), padding=padding)`` with
     this module's initializers ('kernel' float32[k, k, C_in, features], HWIO, then

@@ -69,8 +69,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from imgclf_jax.config import FAST_PATH_SETTINGS
+
 ENV = "IMGCLF_JAX_FAST_PATH"
-SETTINGS = ("auto", "on", "off")
+SETTINGS = FAST_PATH_SETTINGS  # the config key's values, defined with the schema
 
 
 def _env_setting() -> bool | None:

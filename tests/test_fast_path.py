@@ -27,20 +27,14 @@ def test_max_pool_values_and_gradients_equal_flax_max_pool_bit_for_bit(shape):
 
 def _conv_pool_shapes():
     """(config, layer, input shape at batch 1, k, C_out, padding) of every conv followed by a max pool."""
-    from imgclf_jax.models.cnn import layer_specs
+    from benchmarks.profile_step import conv_shapes
 
     shapes = []
     for name in ("ml1", "ml2", "ml4", "ml5", "ml6", "digits"):
         m = config_lib.load_config_file(f"configs/{name}.py")
-        size = m.data.image_size
-        shape = (size, size, 3)
-        for i, spec in enumerate(r for r in layer_specs(m.model, size, 5) if r.branch == "main"):
-            if spec.kind == "conv":
-                j = int(spec.name.split("_")[1])
-                if m.model.conv_pools[j]:
-                    shapes.append((name, spec.name, (1, *shape), m.model.conv_kernel_sizes[j],
-                                   m.model.conv_filters[j], m.model.conv_paddings[j].upper()))
-            shape = spec.output_shape
+        pooled = {f"conv_{i}" for i, pool in enumerate(m.model.conv_pools) if pool}
+        shapes += [(name, s.name, (1, *s.input_hwc), s.kernel, s.out_channels, s.padding)
+                   for s in conv_shapes(m.model, m.data.image_size, 5) if s.name in pooled]
     return shapes
 
 

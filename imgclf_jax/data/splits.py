@@ -57,6 +57,9 @@ class RunData:
     validation: Split
     test: Split | None
     fingerprint: str = ""  # the prepared dataset's folder name (builder and cache key)
+    # split name -> where its rows came from, for the start banner, e.g. {"train": "train/ (4,000 images)",
+    # "validation": "10% of train/ held out (stratified, data.split_seed=0)"}
+    sources: dict = dataclasses.field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

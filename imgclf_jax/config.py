@@ -43,8 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     # 'competition': train.csv/validation.csv[/test.csv] + one image folder per split;
-    # 'folders': one folder per class (optionally under train/ and validation/);
-    # 'digits': scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB (no download).
+    # 'folders': one folder per class (optionally under train/ with validation/ (or val/, valid/) and test/);
+    # 'digits': scikit-learn's bundled 8x8 digits, upscaled to 32x32 RGB (no download; data.dir must be '').
     c.data.builder = "competition"
     c.data.dir = "data/deepfake-classification-unibuc"  # the folder Kaggle's zip unpacks to
     c.data.cache_dir = "~/.cache/imgclf_jax"  # prepared array_record files; never inside data.dir
@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.resize_method = "nearest"  # PIL filter; 'nearest' is Keras load_img's default
     c.data.max_train_examples = 0  # 0 = all; else a class-balanced subset, taken before resampling
     c.data.max_val_examples = 0  # 0 = all; else a class-balanced subset
-    c.data.num_classes = 0  # competition layout: 0 = largest training label + 1
+    # 0 = infer (competition: largest training label + 1; folders: the class folders); else competition
+    # labels must lie in 0..num_classes-1 and folders must have num_classes class folders.
+    c.data.num_classes = 0
     c.data.val_fraction = 0.1  # fraction held out when the data has no validation split
     c.data.split_seed = 0  # seed of that held-out split and of the subsets (not `seed`: stays fixed)
     c.data.class_repeats = ()  # per-class repeat factor per epoch, e.g. (2, 2, 2, 2, 3); () = 1 each
@@ -258,6 +260,37 @@ def check_schema(config: ml_collections.ConfigDict, source: str = "config") -> N
 
 # --------------------------------------------------------------------------- validation
 
+# Per builder: the data keys it ignores, each with the only value accepted (its "unset" value) and why.
+# Every other data key is used by every builder (data.num_classes: competition labels must lie in
+# 0..num_classes-1; folders must have num_classes class folders; 0 = infer, for both).
+IGNORED_DATA_KEYS = {
+    "digits": {
+        "dir": ("", "the digits are bundled with scikit-learn"),
+        "num_classes": ((0, 10), "the digits have 10 classes"),
+    },
+}
+
+
+def check_builder_keys(data: ml_collections.ConfigDict) -> None:
+    """Refuses a data key that the chosen builder would ignore, and a file builder without data.dir.
+
+    Raises:
+      ConfigError: one line naming the key, the builder and what to do.
+    """
+    for name, (accepted, why) in IGNORED_DATA_KEYS.get(data.builder, {}).items():
+        value = data[name]
+        accepted = accepted if isinstance(accepted, tuple) else (accepted,)
+        if value not in accepted:
+            shown = " or ".join(f"--config.data.{name}={a!r}" if a == "" else f"--config.data.{name}={a}"
+                                for a in accepted)
+            raise ConfigError(
+                f"config key 'data.{name}' ({value!r}) is not used by data.builder='{data.builder}' "
+                f"({why}): set {shown}, or use data.builder=competition or folders to train on a folder")
+    if data.builder in ("competition", "folders") and not data.dir.strip():
+        raise ConfigError(f"config key 'data.dir' must name the data folder for data.builder='{data.builder}' "
+                          "(--config.data.dir=PATH)")
+
+
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values for impossible settings; raises ConfigError naming the key."""
@@ -269,6 +302,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     d, a, m, o, t = config.data, config.augment, config.model, config.optimizer, config.train
     need(d.builder in BUILDERS, "data.builder", f"one of {BUILDERS}")
+    check_builder_keys(d)
     need(d.image_size >= 1, "data.image_size", ">= 1 pixel")
     need(d.resize_method in RESIZE_METHODS, "data.resize_method", f"one of {RESIZE_METHODS}")
     need(d.max_train_examples >= 0, "data.max_train_examples", ">= 0 (0 = all)")

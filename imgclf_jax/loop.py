@@ -446,7 +446,7 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
     if data.test is not None:
         test = evaluate(eval_step, params, data.test, config, mesh)
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
-                                test.predictions)
+                                test.predictions, data.class_names)
     best = history[stopper.best_epoch]
     summary = {
         "num_params": num_params,

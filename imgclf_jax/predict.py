@@ -4,7 +4,8 @@
 sorted) or a CSV with an ``image_id`` column plus ``--image_dir DIR`` (default:
 the folder beside the CSV named after it, e.g. ``test.csv`` -> ``test/``), whose
 row order the output keeps. Writes ``image_id,label`` (Kaggle submission
-format) with the run's result weights.
+format) with the run's result weights; each label is the class name, as in
+the run's own submission.csv.
 
 An ensemble run (``ensemble.num_members`` > 1) predicts with every member and
 writes the run's vote (``ensemble.vote``: majority, ties by summed
@@ -142,9 +143,13 @@ def main(argv: list[str]) -> int:
 
     fast_path.configure_xla()
     _, labels = predict(values["workdir"], ids, paths, values["batch_size"])
+    from imgclf_jax import checkpoint as ckpt_lib
     from imgclf_jax.report import write_submission
 
-    write_submission(values["out"], ids, labels)
+    checkpoints = ckpt_lib.RunCheckpoints(values["workdir"])
+    class_names = checkpoints.result_metadata()["class_names"]  # labels are written as names, as in training
+    checkpoints.close()
+    write_submission(values["out"], ids, labels, class_names)
     print(f"wrote {values['out']} ({len(ids)} predictions)")
     return 0
 

@@ -4,7 +4,8 @@
   ``train_accuracy``, ``val_loss``, ``val_accuracy``, ``learning_rate``, ``seconds``);
 - ``accuracy.png``, ``loss.png``: train and validation per epoch;
 - ``confusion_matrix.json`` / ``.png``: counts, rows = true class, columns = predicted;
-- ``submission.csv``: ``image_id,label`` in test order (Kaggle format).
+- ``submission.csv``: ``image_id,label`` in test order (Kaggle format); the label is the
+  class name ('0'..'4' for the competition, the folder name for class folders).
 
 JSON files are written to a temporary name and renamed, so a reader (or a
 killed run) never sees half a file.
@@ -123,21 +124,32 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
     plt.close(fig)
 
 
-def write_submission(path: str, image_ids: list[str], predictions: np.ndarray) -> None:
-    """Writes ``image_id,label`` rows (ids without extension, integer labels, no index column).
+def write_submission(path: str, image_ids: list[str], predictions, class_names: list[str]) -> None:
+    """Writes ``image_id,label`` rows: ids without extension, each label the predicted class's name.
 
-    Creates the parent folder if needed.
+    Args:
+      path: the CSV file to write (atomically; its parent folder is created if needed).
+      image_ids: N ids, in the order to write.
+      predictions: N class indices (``int[N]``, 0..K-1).
+      class_names: the K class names (the competition's are '0'..'4', so its labels stay integers;
+        class folders' are their sorted folder names).
 
     Raises:
       ConfigError: `path` is a folder.
+      ValueError: a prediction outside 0..K-1 (a bug, not a user error).
     """
     if os.path.isdir(path):
         raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
+    predictions = np.asarray(predictions, dtype=np.int64).reshape(-1)
+    if len(predictions) != len(image_ids):
+        raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids")
+    if len(predictions) and (predictions.min() < 0 or predictions.max() >= len(class_names)):
+        raise ValueError(f"predictions outside 0..{len(class_names) - 1}: {predictions.min()}..{predictions.max()}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_id", "label"])
         for image_id, label in zip(image_ids, predictions):
-            writer.writerow([image_id, int(label)])
+            writer.writerow([image_id, class_names[label]])
     os.replace(tmp, path)

@@ -10,6 +10,24 @@ With ``--config.ensemble.num_members=K`` (K > 1) it trains K members (seeds
 seed..seed+K-1) in one job and also writes ``submission_member_<i>.csv``;
 history.json, summary.json and the curves then cover every member and the
 majority and soft votes (see README, "Ensembles").
+
+Data (config key data.builder; every key, with its default and meaning, is in
+imgclf_jax/config.py, base_config; set one with --config.KEY=VALUE):
+  competition  the Kaggle layout: train.csv, validation.csv (image_id,label),
+               optional test.csv, and image folders train/, validation/,
+               test/ (configs/ml*.py). Keys: data.dir, data.num_classes
+               (ml*.py: 5; a label outside 0..num_classes-1 stops; 0 = infer).
+  folders      one folder per class, your own data: DIR/<class>/<image>, or
+               DIR/train/<class>/... with validation/ (or val/, valid/) and
+               test/ (flat: unlabeled, predicted into submission.csv; a class
+               tree: labelled, the validation split if there is no other).
+               Keys: data.dir, data.num_classes (0 = the class folders).
+               Template: configs/folders.py.
+  digits       scikit-learn's bundled 8x8 digits, no download
+               (configs/digits.py); data.dir must be ''.
+  Every builder: data.image_size, data.resize_method, data.cache_dir,
+  data.val_fraction and data.split_seed (the held-out validation split, used
+  only when the data has none), data.max_train_examples, data.max_val_examples.
 """
 
 from __future__ import annotations

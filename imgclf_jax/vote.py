@@ -83,7 +83,9 @@ def main(argv: list[str]) -> int:
                 f"{' (e.g. ' + extra[0] + ')' if extra else ''}"
             )
     merged = majority_vote(votes)
-    write_submission(out, list(merged), list(merged.values()))
+    names = sorted(set(merged.values()))  # integer labels, written back as they were read
+    index = {label: i for i, label in enumerate(names)}
+    write_submission(out, list(merged), [index[label] for label in merged.values()], [str(n) for n in names])
     print(f"wrote {out}: {len(merged)} ids, majority of {len(files)} files")
     return 0
 

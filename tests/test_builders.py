@@ -101,7 +101,8 @@ def test_competition_errors_name_file_and_line(small_competition, tmp_path, cach
     val = root / "validation.csv"
     vlines = val.read_text().splitlines()
     val.write_text("\n".join(vlines[:2] + [vlines[2].split(",")[0] + ",7"] + vlines[3:]) + "\n")
-    with pytest.raises(DataError, match=r"validation.csv' line 3: label 7 is out of range \(0..4;"):
+    with pytest.raises(DataError, match=r"validation.csv' line 3: label 7 of image '[^']+' is outside 0..4 "
+                                        r"\(inferred from train.csv's largest label; set data.num_classes"):
         builders.prepare("competition", str(root), cache_dir)
     prepared = builders.prepare("competition", str(root), cache_dir, num_classes=8)  # explicit K
     assert prepared.class_names == [str(k) for k in range(8)]

@@ -11,7 +11,7 @@ from imgclf_jax import cli, config as config_lib
 from imgclf_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = ["ml1", "ml2", "ml4", "ml5", "ml6", "digits"]
+CONFIGS = ["ml1", "ml2", "ml4", "ml5", "ml6", "digits", "folders"]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -136,6 +136,48 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_help_prints_the_tools_documentation():
     done = run_tool("imgclf_jax.train", "--help")
     assert done.returncode == 0 and "python -m imgclf_jax.train --config configs/NAME.py" in done.stdout
+    for builder in config_lib.BUILDERS:  # train --help lists the builders and points to the keys
+        assert re.search(rf"^  {builder} ", done.stdout, re.M), builder
+    assert "imgclf_jax/config.py" in done.stdout and "configs/folders.py" in done.stdout
+
+
+def test_folders_template_config():
+    args = cli.parse_args(["--config", str(ROOT / "configs/folders.py")])
+    c = args.config
+    assert c.data.builder == "folders" and c.data.dir == "data/my_images" and c.data.num_classes == 0
+    assert c.data.image_size == 64 and c.model.conv_filters == (32, 64, 128)
+    assert "--config.data.dir=PATH" in (ROOT / "configs/folders.py").read_text().split('"""')[1]
+    mine = cli.parse_args(["--config", str(ROOT / "configs/folders.py"), "--config.data.dir=/data/pets"])
+    assert mine.config.data.dir == "/data/pets" and mine.workdir == "runs/folders"
+
+
+@pytest.mark.parametrize("config, override, message", [
+    ("digits", "--config.data.dir=/some/folder",
+     "config key 'data.dir' ('/some/folder') is not used by data.builder='digits' (the digits are bundled "
+     "with scikit-learn): set --config.data.dir='', or use data.builder=competition or folders"),
+    ("digits", "--config.data.num_classes=5",
+     "config key 'data.num_classes' (5) is not used by data.builder='digits' (the digits have 10 classes): "
+     "set --config.data.num_classes=0 or --config.data.num_classes=10"),
+    ("ml1", "--config.data.builder=digits", "config key 'data.dir' ('data/deepfake-classification-unibuc') is "
+     "not used by data.builder='digits'"),
+    ("ml1", "--config.data.dir=", "config key 'data.dir' must name the data folder for data.builder='competition'"),
+    ("folders", "--config.data.dir=", "config key 'data.dir' must name the data folder for data.builder='folders'"),
+])
+def test_keys_the_builder_ignores_are_refused(config, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        cli.parse_args(["--config", str(ROOT / f"configs/{config}.py"), override])
+    # The refusal is one line on the command line, before anything runs.
+    done = run_tool("imgclf_jax.train", "--config", f"configs/{config}.py", override)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+
+
+def test_keys_the_builder_uses_are_accepted():
+    assert cli.parse_args(["--config", str(ROOT / "configs/digits.py"), "--config.data.num_classes=10"])
+    args = cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.data.builder=digits",
+                           "--config.data.dir=", "--config.data.num_classes=0"])  # ml1 declares 5 classes
+    assert args.config.data.builder == "digits" and args.config.data.dir == ""
+    args = cli.parse_args(["--config", str(ROOT / "configs/folders.py"), "--config.data.num_classes=12"])
+    assert args.config.data.num_classes == 12  # folders: checked against the class folders in the scan
 
 
 def test_more_override_forms_and_config_file_failures(tmp_path):

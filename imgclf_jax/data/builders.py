@@ -119,7 +119,7 @@ class Competition(_ImageBuilder):
 
 
 class ClassFolders(_ImageBuilder):
-    """One folder per class, optionally under train/ and validation/ (plus a flat test/)."""
+    """One folder per class, optionally under train/ and validation/ (or val/, valid/) plus test/."""
 
 
 class Digits(_ImageBuilder):
@@ -144,12 +144,13 @@ def scan_digits() -> scan_lib.Scan:
     """All 1,797 digits as one 'train' split; ids are their indices ('0'..'1796')."""
     _, labels = scan_lib.digits_arrays()
     examples = [scan_lib.Example(str(i), int(y), "") for i, y in enumerate(labels)]
-    return scan_lib.Scan(class_names=[str(d) for d in range(10)], splits={"train": examples})
+    return scan_lib.Scan(class_names=[str(d) for d in range(10)], splits={"train": examples},
+                         sources={"train": "scikit-learn's bundled 8x8 digits"})
 
 
 BUILDERS = {
     "competition": (Competition, scan_lib.scan_competition),
-    "folders": (ClassFolders, lambda root, num_classes: scan_lib.scan_folders(root)),
+    "folders": (ClassFolders, scan_lib.scan_folders),
     "digits": (Digits, lambda root, num_classes: scan_digits()),
 }
 
@@ -168,11 +169,15 @@ class PreparedSplit:
 
 @dataclasses.dataclass
 class PreparedDataset:
-    """A prepared dataset: where it lives, its class names and its splits."""
+    """A prepared dataset: where it lives, its class names, its splits and where each split was listed.
+
+    sources: split name -> where its rows were listed (:attr:`imgclf_jax.data.scan.Scan.sources`).
+    """
 
     path: str
     class_names: list[str]
     splits: dict[str, PreparedSplit]
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
@@ -224,7 +229,9 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
       builder: 'competition', 'folders' or 'digits' (config key data.builder).
       root: the data folder (config key data.dir); ignored for 'digits'.
       cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
-      num_classes: the competition layout's class count (data.num_classes); 0 = infer.
+      num_classes: data.num_classes; 0 = infer (competition: largest training label + 1;
+        folders: the class folders). Competition labels must lie in 0..num_classes-1; folders
+        must have that many class folders. Ignored for 'digits' (config.validate refuses it).
 
     Raises:
       DataError: from the scan (missing folder, malformed CSV, missing or corrupt image).
@@ -303,4 +310,4 @@ def open_prepared(builder_cls: type, path: str, scan: scan_lib.Scan) -> Prepared
             image_ids=[ex.image_id for ex in examples],
             labels=np.array([ex.label for ex in examples], dtype=np.int64),
         )
-    return PreparedDataset(path=path, class_names=list(class_names), splits=splits)
+    return PreparedDataset(path=path, class_names=list(class_names), splits=splits, sources=dict(scan.sources))

@@ -10,8 +10,9 @@ Layouts:
   ``test.csv`` (``image_id``), image folders ``train/``, ``validation/``,
   ``test/`` with files ``<image_id>.<ext>`` (any extension Pillow reads);
 - folders: ``<class>/<file>`` (classes = sorted folder names), or
-  ``train/<class>/...`` plus ``validation/<class>/...`` and optionally a flat
-  ``test/`` folder;
+  ``train/<class>/...`` with optionally ``validation/<class>/...`` (or
+  ``val/``, ``valid/``) and a ``test/`` folder (flat: unlabeled; a class tree:
+  labelled), see :func:`scan_folders`;
 - digits: scikit-learn's bundled 8x8 digits (no files).
 """
 
@@ -46,10 +47,15 @@ class Example:
 
 @dataclasses.dataclass
 class Scan:
-    """A scanned dataset: class names and, per split name, its examples in file/CSV order."""
+    """A scanned dataset: class names and, per split name, its examples in file/CSV order.
+
+    sources: split name -> where its rows were listed, relative to the data
+    folder (e.g. ``"train.csv + train/"``, ``"val/"``), for the start banner.
+    """
 
     class_names: list[str]
     splits: dict[str, list[Example]]
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def strip_image_ext(name: str, exts: frozenset[str]) -> str:
@@ -130,15 +136,29 @@ def _read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
     return rows
 
 
-def _parse_label(path: str, line: int, text: str, num_classes: int | None) -> int:
+def _parse_label(path: str, line: int, image_id: str, text: str, num_classes: int | None,
+                 inferred: bool = False) -> int:
+    """The integer label of CSV row `line` (image `image_id`), checked against 0..num_classes-1.
+
+    `num_classes` None: only negative labels are refused; `inferred`: num_classes
+    came from the training CSV's largest label (named as such in the error).
+
+    Raises:
+      DataError: a label that is not an integer or lies outside the classes, naming file, line and image.
+    """
     try:
         label = int(text)
     except ValueError:
-        raise DataError(f"CSV file '{path}' line {line}: label {text!r} is not an integer") from None
-    if label < 0 or (num_classes is not None and label >= num_classes):
-        allowed = f"0..{num_classes - 1}" if num_classes else ">= 0"
-        raise DataError(f"CSV file '{path}' line {line}: label {label} is out of range ({allowed}; "
-                        "the classes are 0..K-1, K = data.num_classes or the largest training label + 1)")
+        raise DataError(f"CSV file '{path}' line {line}: label {text!r} is not an integer "
+                        f"(image '{image_id}')") from None
+    if label < 0:
+        raise DataError(f"CSV file '{path}' line {line}: label {label} of image '{image_id}' is negative "
+                        "(labels are class indices 0..K-1)")
+    if num_classes is not None and label >= num_classes:
+        why = (f"inferred from train.csv's largest label; set data.num_classes to declare the classes"
+               if inferred else f"data.num_classes={num_classes}")
+        raise DataError(f"CSV file '{path}' line {line}: label {label} of image '{image_id}' is outside "
+                        f"0..{num_classes - 1} ({why})")
     return label
 
 
@@ -156,16 +176,19 @@ def scan_competition(root: str, num_classes: int = 0) -> Scan:
     if not os.path.isdir(root):
         raise DataError(f"data folder '{root}' not found: {KAGGLE_HINT}")
     exts = image_extensions()
+    _check_competition_layout(root)
     splits: dict[str, list[Example]] = {}
+    inferred = False
     for split, labelled in (("train", True), ("validation", True), ("test", False)):
         csv_path = os.path.join(root, f"{split}.csv")
         if split == "test" and not os.path.exists(csv_path):
             continue
         rows = read_csv(csv_path, need_label=labelled)
         if labelled:
-            labels = [_parse_label(csv_path, line, text, num_classes or None) for line, _, text in rows]
+            labels = [_parse_label(csv_path, line, image_id, text, num_classes or None, inferred)
+                      for line, image_id, text in rows]
             if not num_classes:
-                num_classes = max(labels) + 1
+                num_classes, inferred = max(labels) + 1, True
         else:
             labels = [-1] * len(rows)
         folder = os.path.join(root, split)
@@ -186,12 +209,51 @@ def scan_competition(root: str, num_classes: int = 0) -> Scan:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         print(f"warning: {len(missing)} of {num_classes} classes have no training rows in "
               f"'{os.path.join(root, 'train.csv')}': {shown}", file=sys.stderr)
-    return Scan(class_names=[str(i) for i in range(num_classes)], splits=splits)
+    sources = {split: f"{split}.csv + {split}/" for split in splits}
+    return Scan(class_names=[str(i) for i in range(num_classes)], splits=splits, sources=sources)
+
+
+def _subfolders(folder: str) -> list[str]:
+    """Sorted names of the non-hidden subfolders of `folder` (``__MACOSX`` left out)."""
+    return sorted(e.name for e in os.scandir(folder)
+                  if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
+
+
+def _holds_images(folder: str, exts: frozenset[str]) -> bool:
+    return any(e.is_file() and os.path.splitext(e.name)[1].lower() in exts and not e.name.startswith(".")
+               for e in os.scandir(folder))
+
+
+def _check_competition_layout(root: str) -> None:
+    """Refuses a class-folder tree given to the competition builder (no train.csv, class subfolders).
+
+    Raises:
+      DataError: `root` has no train.csv but subfolders of images under it or under its train/.
+    """
+    if os.path.exists(os.path.join(root, "train.csv")):
+        return
+    exts = image_extensions()
+    train = os.path.join(root, "train")
+    if os.path.isdir(train) and _subfolders(train):
+        base, names = train, _subfolders(train)
+    else:  # the competition's own image folders are not classes
+        base = root
+        names = [n for n in _subfolders(root) if n.lower() not in ("train", "validation", "test")]
+    classes = [name for name in names if _holds_images(os.path.join(base, name), exts)]
+    if not classes:
+        return  # a competition folder missing its CSV: read_csv names it
+    shown = ", ".join(classes[:5]) + (", ..." if len(classes) > 5 else "")
+    raise DataError(f"data folder '{root}' has no train.csv but class folders ({shown}) under "
+                    f"'{base}': for one folder per class use --config.data.builder=folders")
+
+
+
+# Folder names recognised as splits of a `folders` tree (compared case-insensitively).
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val", "valid"), "test": ("test",)}
 
 
 def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Example]]:
-    classes = sorted(e.name for e in os.scandir(folder)
-                     if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
+    classes = _subfolders(folder)
     if not classes:
         raise DataError(f"folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>)")
     examples = []
@@ -202,49 +264,115 @@ def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Exam
     return classes, examples
 
 
-def scan_folders(root: str) -> Scan:
-    """Scans a one-folder-per-class layout.
-
-    ``root/<class>/*`` or ``root/train/<class>/*`` alone gives one 'train'
-    split (the validation split is then drawn from it, see
-    :mod:`imgclf_jax.data.splits`); ``root/train/<class>/*`` with
-    ``root/validation/<class>/*`` gives both, with the same class names
-    required, and a flat ``root/test/`` folder, if present, an unlabeled test
-    split. Hidden folders and ``__MACOSX`` are ignored. Class order is the sorted folder names; ids are ``<class>/<stem>``
-    (test: ``<stem>``).
+def split_folders(root: str) -> dict[str, str]:
+    """Split name -> folder name for the subfolders of `root` named as splits (see SPLIT_FOLDERS).
 
     Raises:
-      DataError: missing folder, no classes, mismatched class folders, an empty class.
+      DataError: two folders for one split (e.g. both val/ and validation/).
+    """
+    found: dict[str, list[str]] = {}
+    for name in _subfolders(root):
+        for split, names in SPLIT_FOLDERS.items():
+            if name.lower() in names:
+                found.setdefault(split, []).append(name)
+    for split, names in found.items():
+        if len(names) > 1:
+            raise DataError(f"data folder '{root}' has two {split} folders, "
+                            f"{' and '.join(repr(n + '/') for n in names)}: keep one (rename or move the other)")
+    return {split: names[0] for split, names in found.items()}
+
+
+def scan_folders(root: str, num_classes: int = 0) -> Scan:
+    """Scans a one-folder-per-class layout.
+
+    - ``root/<class>/*``: one 'train' split (the validation split is then held
+      out of it, see :mod:`imgclf_jax.data.splits`);
+    - ``root/train/<class>/*``, optionally with a validation tree
+      ``root/{validation,val,valid}/<class>/*`` and a ``root/test/`` folder
+      (split folder names are matched case-insensitively):
+      * a flat ``test/`` (images, no subfolders) is an unlabeled test split
+        (predicted into submission.csv);
+      * a ``test/<class>/*`` tree is labelled: without a validation tree it is
+        the validation split; with one, it is a labelled test split
+        (predicted into submission.csv, labels kept).
+      Class folders of every tree must have the same names as train's. Other
+      folders beside the split folders are ignored with a warning.
+
+    Hidden folders and ``__MACOSX`` are ignored. Class order is the sorted
+    folder names; ids are ``<class>/<stem>`` (flat test: ``<stem>``).
+
+    Args:
+      root: the data folder (data.dir).
+      num_classes: data.num_classes; if non-zero, the number of class folders must equal it.
+
+    Raises:
+      DataError: missing folder, no classes, two folders for one split, a split
+        folder without train/, mismatched class folders, an empty class, a test
+        folder with both images and subfolders, a class count other than num_classes.
     """
     if not os.path.isdir(root):
         raise DataError(f"data folder '{root}' not found")
     exts = image_extensions()
-    train_dir, val_dir = os.path.join(root, "train"), os.path.join(root, "validation")
-    splits = {}
-    if os.path.isdir(train_dir) and os.path.isdir(val_dir):
-        classes, splits["train"] = _class_tree(train_dir, exts)
-        val_classes, splits["validation"] = _class_tree(val_dir, exts)
-        if val_classes != classes:
-            raise DataError(
-                f"class folders differ: '{train_dir}' has {classes}, '{val_dir}' has {val_classes}"
-            )
-        test_dir = os.path.join(root, "test")
-        if os.path.isdir(test_dir):
-            files = index_folder(test_dir, exts)
-            if not files:
-                raise DataError(f"test folder '{test_dir}' holds no images (remove it, or add images)")
-            splits["test"] = [Example(stem, -1, files[stem]) for stem in sorted(files)]
-    elif os.path.isdir(train_dir):
-        classes, splits["train"] = _class_tree(train_dir, exts)
-    else:
+    named = split_folders(root)
+    splits: dict[str, list[Example]] = {}
+    sources: dict[str, str] = {}
+    if "train" not in named:
+        if named:
+            folder = next(iter(named.values()))
+            raise DataError(f"data folder '{root}' has a '{folder}/' folder but no train/: put the training "
+                            f"images under train/<class>/ (or rename the class folder '{folder}')")
         classes, splits["train"] = _class_tree(root, exts)
+        sources["train"] = "the class folders"
+        train_dir = root
+    else:
+        train_dir = os.path.join(root, named["train"])
+        classes, splits["train"] = _class_tree(train_dir, exts)
+        sources["train"] = f"{named['train']}/"
+        others = [n for n in _subfolders(root) if n not in named.values()]
+        if others:
+            print(f"warning: ignored folder(s) under '{root}': {', '.join(n + '/' for n in others)} "
+                  "(read are train/, validation/ (or val/, valid/) and test/)", file=sys.stderr)
+
+        def tree(name: str) -> list[Example]:
+            folder = os.path.join(root, name)
+            tree_classes, examples = _class_tree(folder, exts)
+            if tree_classes != classes:
+                raise DataError(f"class folders differ: '{train_dir}' has {classes}, '{folder}' has {tree_classes}")
+            return examples
+
+        if "validation" in named:
+            splits["validation"] = tree(named["validation"])
+            sources["validation"] = f"{named['validation']}/"
+        if "test" in named:
+            name = named["test"]
+            test_dir = os.path.join(root, name)
+            has_images, has_folders = _holds_images(test_dir, exts), bool(_subfolders(test_dir))
+            if has_images and has_folders:
+                raise DataError(f"test folder '{test_dir}' holds both images and subfolders: make it flat "
+                                "(unlabeled images to predict) or one subfolder per class (labelled)")
+            if has_folders and "validation" not in named:
+                splits["validation"] = tree(name)
+                sources["validation"] = f"{name}/ (a class tree; used as validation: there is no validation folder)"
+            elif has_folders:
+                splits["test"] = tree(name)
+                sources["test"] = f"{name}/ (a class tree: labelled)"
+            else:
+                files = index_folder(test_dir, exts)
+                if not files:
+                    raise DataError(f"test folder '{test_dir}' holds no images (remove it, or add images)")
+                splits["test"] = [Example(stem, -1, files[stem]) for stem in sorted(files)]
+                sources["test"] = f"{name}/ (unlabeled)"
     for split, examples in splits.items():
         if not examples:
             raise DataError(f"the {split} split under '{root}' holds no images")
     for label, name in enumerate(classes):
         if not any(e.label == label for e in splits["train"]):
-            raise DataError(f"class folder '{name}' under '{root}' has no images")
-    return Scan(class_names=classes, splits=splits)
+            raise DataError(f"class folder '{name}' under '{train_dir}' has no images")
+    if num_classes and num_classes != len(classes):
+        raise DataError(f"data.num_classes={num_classes} but '{train_dir}' has {len(classes)} class folders "
+                        f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}): set "
+                        f"--config.data.num_classes={len(classes)}, or 0 to take the folders as they are")
+    return Scan(class_names=classes, splits=splits, sources=sources)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:

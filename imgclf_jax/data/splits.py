@@ -57,8 +57,11 @@ class RunData:
     validation: Split
     test: Split | None
     fingerprint: str = ""  # the prepared dataset's folder name (builder and cache key)
-    # split name -> where its rows came from, for the start banner, e.g. {"train": "train/ (4,000 images)",
-    # "validation": "10% of train/ held out (stratified, data.split_seed=0)"}
+    # split name -> where its rows came from, for the start banner, e.g.
+    # {"train": "12,500 images from train.csv + train/", "validation": "1,250 images from validation.csv +
+    # validation/"}, or held out: {"train": "3,600 images from train/ (the rest held out for validation)",
+    # "validation": "400 images from train/ (10% held out by data.val_fraction=0.1,
+    # stratified by class, data.split_seed=0)"}
     sources: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -109,12 +112,22 @@ def _whole(prepared: PreparedDataset, name: str) -> Split:
     )
 
 
+def _described(where: str, count: int, notes: list[str]) -> str:
+    """'12,500 images from train.csv + train/' plus notes in parentheses, for RunData.sources."""
+    return f"{count:,} images from {where}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) -> RunData:
     """Builds the run's splits from a prepared dataset and the ``data`` config section.
 
+    Also fills :attr:`RunData.sources` (split name -> where its rows came from, with counts).
+
     Raises:
       ConfigError: data.class_repeats has a length other than the number of classes.
+      DataError: too few training rows per class to hold out data.val_fraction.
     """
+    where = {split: prepared.sources.get(split, split) for split in prepared.splits}
+    notes: dict[str, list[str]] = {"train": [], "validation": []}
     train = _whole(prepared, "train")
     if "validation" in prepared.splits:
         validation = _whole(prepared, "validation")
@@ -125,12 +138,18 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
             raise DataError(f"cannot hold out data.val_fraction={data.val_fraction} of the "
                             f"{len(train)} training images stratified by class: {e}") from None
         train, validation = train.subset(train_pos), train.subset(val_pos)
+        where["validation"] = where["train"]
+        notes["train"].append("the rest held out for validation")
+        notes["validation"].append(f"{data.val_fraction * 100:g}% held out by data.val_fraction="
+                                   f"{data.val_fraction:g}, stratified by class, data.split_seed={data.split_seed}")
     if data.max_train_examples:
         train = train.subset(balanced_subset(train.labels, data.max_train_examples, data.split_seed))
+        notes["train"].append(f"a class-balanced subset, data.max_train_examples={data.max_train_examples}")
     if data.max_val_examples:
         validation = validation.subset(
             balanced_subset(validation.labels, data.max_val_examples, data.split_seed)
         )
+        notes["validation"].append(f"a class-balanced subset, data.max_val_examples={data.max_val_examples}")
     test = _whole(prepared, "test") if "test" in prepared.splits else None
     num_classes = len(prepared.class_names)
     if data.class_repeats and len(data.class_repeats) != num_classes:
@@ -138,8 +157,12 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
             f"config key 'data.class_repeats' has {len(data.class_repeats)} entries but the data "
             f"has {num_classes} classes"
         )
+    sources = {"train": _described(where["train"], len(train), notes["train"]),
+               "validation": _described(where["validation"], len(validation), notes["validation"])}
+    if test is not None:
+        sources["test"] = _described(where["test"], len(test), [])
     return RunData(class_names=prepared.class_names, train=train, validation=validation, test=test,
-                   fingerprint=os.path.basename(prepared.path))
+                   fingerprint=os.path.basename(prepared.path), sources=sources)
 
 
 def load_run_data(data: ml_collections.ConfigDict) -> RunData:

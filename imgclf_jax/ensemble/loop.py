@@ -240,10 +240,10 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
     if data.test is not None:
         test = loop.evaluate(eval_step, params, data.test, config, mesh)
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
-                                vote(test.probabilities, rule))
+                                vote(test.probabilities, rule), data.class_names)
         for i in range(k):
             report.write_submission(os.path.join(workdir, f"submission_member_{i}.csv"), data.test.image_ids,
-                                    test.predictions[i])
+                                    test.predictions[i], data.class_names)
     members = []
     for i, stopper in enumerate(stoppers):
         best = history[stopper.best_epoch] if stopper.best_epoch >= 0 else None

@@ -1,12 +1,21 @@
-"""The command-line contract shared by every tool.
+"""The command-line contract shared by the tools.
 
-``python -m imgclf_jax.TOOL --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR]``
+Two families:
 
-- ``--config`` names an ml_collections config file (required);
-- ``--config.a.b=value`` (or ``--config.a.b value``) overrides one key, parsed to
-  that key's type; unknown keys and wrong types stop with one line;
-- ``--workdir`` defaults to ``runs/NAME``;
-- a tool may declare extra flags (``--out FILE``, ``--overwrite``).
+- config tools (train, preview, summary):
+  ``python -m imgclf_jax.TOOL --config configs/NAME.py [--config.KEY=VALUE ...] [--workdir DIR]``
+
+  - ``--config`` names an ml_collections config file (required; a wrong path lists the configs);
+  - ``--config.a.b=value`` (or ``--config.a.b value``) overrides one key, parsed to
+    that key's type; unknown keys and wrong types stop with one line;
+  - ``--workdir`` defaults to ``runs/NAME`` (summary, which writes nothing, has none);
+  - a tool may declare extra flags (``--out FILE``, ``--overwrite``).
+
+- run tools (predict, results, vote) read what finished runs wrote: workdirs and
+  files, no config (a run's config is its workdir's config.json). They parse
+  their ``--name value`` flags with :func:`parse_flags`.
+
+Every flag a tool accepts is used; any other stops with one line listing the flags.
 
 User errors (:class:`imgclf_jax.errors.UserError`) are printed as one line,
 ``prog: error: message``, with a non-zero exit status and no traceback.
@@ -83,19 +92,22 @@ def parse_flags(argv: list[str], flags: dict[str, type], config_overrides: bool 
     return values, overrides
 
 
-def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
-    """Parses a tool's command line: --config, --config.KEY=VALUE overrides, --workdir, `flags`.
+def parse_args(argv: list[str], flags: dict[str, type] | None = None, workdir: bool = True) -> Args:
+    """Parses a config tool's command line: --config, --config.KEY=VALUE overrides, --workdir, `flags`.
 
     Args:
       argv: command-line words (without the program name).
       flags: the tool's extra flags, name -> type (see :func:`parse_flags`).
+      workdir: whether the tool takes ``--workdir`` (a tool that writes nothing there,
+        such as summary, refuses it as an unknown flag rather than ignoring it).
 
     Raises:
       ConfigError: no --config, an unknown flag or key, a value of the wrong type, or an
         impossible value (see :func:`imgclf_jax.config.validate`).
     """
-    values, overrides = parse_flags(argv, {"config": str, "workdir": str, **(flags or {})})
-    config_path, workdir = values.pop("config"), values.pop("workdir")
+    known = {"config": str, **({"workdir": str} if workdir else {}), **(flags or {})}
+    values, overrides = parse_flags(argv, known)
+    config_path, workdir = values.pop("config"), values.pop("workdir", None)
     if config_path is None:
         raise ConfigError("--config configs/NAME.py is required")
     config = config_lib.load_config_file(config_path)
@@ -105,7 +117,7 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None) -> Args:
     from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
 
     fast_path.configure_xla(config.model.fast_path)
-    if workdir is None:
+    if workdir is None:  # also for tools without --workdir: Args.workdir is then the default, unused
         workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
     return Args(config=config, config_path=config_path, workdir=workdir, extras=values)
 

@@ -210,14 +210,35 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     parent[name] = _parse_value(key, text, parent[name])
 
 
+def available_configs(path: str) -> str:
+    """A phrase listing the config files a user may have meant instead of the missing `path`.
+
+    Looks in `path`'s folder, else ``configs/`` under the working directory, else the
+    ``configs/`` folder beside the installed package: 'available: configs/digits.py, ...'
+    (the ``.py`` files there, sorted, none starting with '_'), or 'no config files in ...'.
+    """
+    package_configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    folder = os.path.dirname(path)
+    candidates = [folder] if folder and os.path.isdir(folder) else []
+    candidates += ["configs", package_configs]
+    for candidate in candidates:
+        if os.path.isdir(candidate):
+            names = sorted(n for n in os.listdir(candidate) if n.endswith(".py") and not n.startswith("_"))
+            if names:
+                shown = os.path.relpath(candidate) if not os.path.relpath(candidate).startswith("..") else candidate
+                return "available: " + ", ".join(os.path.join(shown, n) for n in names)
+    return f"no config files in '{candidates[0]}'"
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Imports `path` and returns its ``get_config()``, checked against :func:`base_config`.
 
     Raises:
-      ConfigError: missing file, no ``get_config``, or keys/types that differ from the schema.
+      ConfigError: missing file (listing the available configs), no ``get_config``, or keys/types
+        that differ from the schema.
     """
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' not found")
+        raise ConfigError(f"config file '{path}' not found; {available_configs(path)}")
     if not path.endswith(".py"):
         raise ConfigError(f"config file '{path}' is not a Python file (configs/NAME.py)")
     spec = importlib.util.spec_from_file_location("_imgclf_config", path)

@@ -1,15 +1,31 @@
 """Predict with a finished run: ``python -m imgclf_jax.predict --workdir DIR --images PATH --out FILE``.
 
-`PATH` is either a folder of images (ids = file names without extension,
-sorted) or a CSV with an ``image_id`` column plus ``--image_dir DIR`` (default:
-the folder beside the CSV named after it, e.g. ``test.csv`` -> ``test/``), whose
-row order the output keeps. Writes ``image_id,label`` (Kaggle submission
-format) with the run's result weights; each label is the class name, as in
-the run's own submission.csv.
+`PATH` is one of:
+
+- a folder of images (ids = file names without extension, sorted);
+- a class-folder tree, ``PATH/<class>/<image>`` (ids ``<class>/<stem>``, sorted, as the
+  ``folders`` builder makes them): the folder names are the images' labels;
+- a CSV with an ``image_id`` column plus ``--image_dir DIR`` (default: the folder
+  beside the CSV named after it, e.g. ``test.csv`` -> ``test/``), whose row order
+  the output keeps; a ``label`` column, if filled in, gives the images' labels
+  (class names as text; for the competition '0'..'4').
+
+Writes ``image_id,label`` (Kaggle submission format) with the run's result
+weights; each label is the class name, as in the run's own
+submission.csv. When the images have labels (a class-folder tree, a CSV with labels),
+it also prints the accuracy, the per-class accuracy with counts and the
+confusion matrix, and writes ``<out stem>_confusion_matrix.json`` / ``.png``
+beside FILE. A label or class folder that is not one of the run's classes
+stops with one line naming it, before anything is predicted.
 
 An ensemble run (``ensemble.num_members`` > 1) predicts with every member and
 writes the run's vote (``ensemble.vote``: majority, ties by summed
-probabilities, or soft), as its own submission.csv does.
+probabilities, or soft), as its own submission.csv does; ``--members`` also
+writes each member's predictions to ``<out stem>_member_<i>.csv``.
+
+predict reads the run's config from the workdir (its config.json): it takes no
+``--config``. Flags: ``--workdir``, ``--images``, ``--out`` (required),
+``--image_dir``, ``--batch_size``, ``--members``.
 
 Images are read exactly as training's evaluation reads them (Pillow to 8-bit
 RGB, resize to ``data.image_size`` with ``data.resize_method``, scale to
@@ -45,22 +61,63 @@ class FileSource:
         return {"image": load_rgb(self.paths[index])}
 
 
-def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str]]:
-    """(ids, paths) of the images to predict: a folder's images sorted by id, or a CSV's rows in order.
+@dataclasses.dataclass(frozen=True)
+class ImageList:
+    """The images to predict, in output order, with their labels where the input gives them.
+
+    ``labels[i]`` is the label text (a class name) of image i, ``origins[i]`` where it
+    came from, named in errors ("CSV file 'x.csv' line 5: label 'cat'", "class folder
+    'd/cat'"); both are None for unlabelled images.
+    """
+
+    ids: list[str]
+    paths: list[str]
+    labels: list[str] | None = None
+    origins: list[str] | None = None
+
+
+def _subfolders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
+
+
+def _csv_header(path: str) -> list[str]:
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        return [h.strip() for h in next(csv.reader(f), [])]
+
+
+def list_images(images: str, image_dir: str | None) -> ImageList:
+    """The images to predict: a folder's images sorted by id, a class-folder tree, or a CSV's rows in order.
 
     Raises:
-      DataError: missing folder or CSV, malformed CSV, an id without an image file.
+      DataError: missing folder or CSV, malformed CSV, an id without an image file, a folder
+        holding both images and subfolders, a CSV whose label column is filled in on some rows only.
     """
     exts = image_extensions()
     if os.path.isdir(images):
         files = scan_lib.index_folder(images, exts)
-        if not files:
+        classes = _subfolders(images)
+        if files and classes:
+            raise DataError(f"folder '{images}' holds both images and subfolders ({', '.join(classes[:3])}"
+                            f"{', ...' if len(classes) > 3 else ''}): give a folder of images or a class-folder "
+                            "tree (one subfolder of images per class), not both")
+        if files:
+            ids = sorted(files)
+            return ImageList(ids, [files[i] for i in ids])
+        if not classes:
             raise DataError(f"folder '{images}' holds no images")
-        ids = sorted(files)
-        return ids, [files[i] for i in ids]
+        names, examples = scan_lib._class_tree(images, exts)
+        if not examples:
+            raise DataError(f"class folders under '{images}' ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}) hold no images")
+        return ImageList([e.image_id for e in examples], [e.path for e in examples],
+                         [names[e.label] for e in examples],
+                         [f"class folder '{os.path.join(images, names[e.label])}'" for e in examples])
     if not os.path.isfile(images):
         raise DataError(f"--images '{images}' is neither a folder nor a CSV file")
-    rows = scan_lib.read_csv(images, need_label=False)
+    labelled = "label" in _csv_header(images)
+    rows = scan_lib.read_csv(images, need_label=labelled)
     folder = image_dir or os.path.splitext(images)[0]
     files = scan_lib.index_folder(folder, exts)
     ids, paths = [], []
@@ -70,7 +127,77 @@ def list_images(images: str, image_dir: str | None) -> tuple[list[str], list[str
             raise DataError(f"CSV file '{images}' line {line}: no image file for id '{image_id}' in '{folder}'")
         ids.append(image_id)
         paths.append(files[image_id])
-    return ids, paths
+    filled = [bool(text) for _, _, text in rows] if labelled else []
+    if not any(filled):  # no label column, or an empty one (a test.csv with a blank label column)
+        return ImageList(ids, paths)
+    if not all(filled):
+        line = rows[filled.index(False)][0]
+        raise DataError(f"CSV file '{images}' line {line}: empty label (other rows have labels: "
+                        "label every row, or none)")
+    return ImageList(ids, paths, [text for _, _, text in rows],
+                     [f"CSV file '{images}' line {line}: label '{text}'" for line, _, text in rows])
+
+
+def label_indices(images: ImageList, class_names: list[str]) -> np.ndarray:
+    """``int64[N]``: each image's label as an index into the run's `class_names` (names matched as text).
+
+    Raises:
+      DataError: a label (CSV line) or class folder that is not one of `class_names`, named.
+    """
+    index = {name: i for i, name in enumerate(class_names)}
+    for text, origin in zip(images.labels, images.origins):
+        if text not in index:
+            shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
+            raise DataError(f"{origin} is not one of the run's {len(class_names)} classes ({shown})")
+    return np.array([index[text] for text in images.labels], np.int64)
+
+
+def evaluation_table(truth: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> str:
+    """A compact text report: accuracy, per-class accuracy with counts, the confusion matrix.
+
+    Args:
+      truth, predictions: ``int64[N]`` class indices into `class_names`.
+
+    Returns:
+      lines of text (no trailing newline); a class without images shows '-' as its accuracy.
+    """
+    from imgclf_jax.report import confusion_matrix
+
+    matrix = confusion_matrix(truth, predictions, len(class_names))
+    correct, total = int(np.trace(matrix)), int(matrix.sum())
+    name_width = max(5, *(len(n) for n in class_names))
+    lines = [f"accuracy {correct / total:.4f} ({correct} of {total} images)",
+             f"{'class':<{name_width}}  accuracy  correct/images"]
+    for i, name in enumerate(class_names):
+        n = int(matrix[i].sum())
+        acc = f"{matrix[i, i] / n:.4f}" if n else "-"
+        lines.append(f"{name:<{name_width}}  {acc:>8}  {int(matrix[i, i])}/{n}")
+    cell = max(len(str(int(matrix.max()))), *(len(n) for n in class_names))
+    lines.append("confusion matrix (rows: true class, columns: predicted class)")
+    lines.append(" " * name_width + "  " + " ".join(f"{n:>{cell}}" for n in class_names))
+    for i, name in enumerate(class_names):
+        lines.append(f"{name:<{name_width}}  " + " ".join(f"{int(v):>{cell}}" for v in matrix[i]))
+    return "\n".join(lines)
+
+
+def _finished_run(workdir: str) -> str:
+    """The config.json path of the finished run in `workdir`; raises ConfigError if there is none."""
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(config_path) or not os.path.isdir(os.path.join(workdir, "checkpoints", "result")):
+        raise ConfigError(f"workdir '{workdir}' holds no finished run (no config.json or result checkpoint)")
+    return config_path
+
+
+def run_metadata(workdir: str) -> dict:
+    """The result checkpoint's metadata of the run in `workdir`: class_names, num_classes, num_members, config.
+
+    Raises:
+      ConfigError: `workdir` holds no finished run.
+    """
+    from imgclf_jax import checkpoint as ckpt_lib
+
+    _finished_run(workdir)
+    return ckpt_lib.RunCheckpoints(workdir).result_metadata()
 
 
 def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | None = None
@@ -90,10 +217,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     from imgclf_jax import checkpoint as ckpt_lib, loop, parallel, steps
     from imgclf_jax.models import create_model
 
-    config_path = os.path.join(workdir, "config.json")
-    result_dir = os.path.join(workdir, "checkpoints", "result")
-    if not os.path.exists(config_path) or not os.path.isdir(result_dir):
-        raise ConfigError(f"workdir '{workdir}' holds no finished run (no config.json or result checkpoint)")
+    config_path = _finished_run(workdir)
     checkpoints = ckpt_lib.RunCheckpoints(workdir)
     with open(config_path) as f:
         config = ml_collections.ConfigDict(json.load(f))
@@ -127,9 +251,17 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     return probabilities, vote(probabilities, config.ensemble.vote)
 
 
+def member_path(out: str, member: int) -> str:
+    """Where ``--members`` writes member `member`'s predictions: ``<out stem>_member_<i>.csv`` beside `out`."""
+    return f"{os.path.splitext(out)[0]}_member_{member}.csv"
+
+
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
-    flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int}
+    if any(w == "--config" or w.startswith(("--config=", "--config.")) for w in argv):
+        raise ConfigError("predict takes no --config: it reads the run's config from --workdir (its "
+                          "config.json); --config is for train, preview and summary")
+    flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int, "members": bool}
     values, _ = cli.parse_flags(argv, flags, config_overrides=False)
     for name in ("workdir", "images", "out"):
         if values[name] is None:
@@ -138,19 +270,41 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--batch_size must be >= 1, got {values['batch_size']}")
     if os.path.isdir(values["out"]):
         raise ConfigError(f"--out '{values['out']}' is a folder; give a file name")
-    ids, paths = list_images(values["images"], values["image_dir"])
+    images = list_images(values["images"], values["image_dir"])
+    ids, paths = images.ids, images.paths
     from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
 
     fast_path.configure_xla()
-    _, labels = predict(values["workdir"], ids, paths, values["batch_size"])
-    from imgclf_jax import checkpoint as ckpt_lib
+    metadata = run_metadata(values["workdir"])
+    class_names, num_members = metadata["class_names"], metadata.get("num_members", 1)
+    if values["members"] and num_members == 1:
+        raise ConfigError(f"--members needs an ensemble run; '{values['workdir']}' is a single model "
+                          "(ensemble.num_members = 1)")
+    truth = label_indices(images, class_names) if images.labels is not None else None
+    probabilities, labels = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 
-    checkpoints = ckpt_lib.RunCheckpoints(values["workdir"])
-    class_names = checkpoints.result_metadata()["class_names"]  # labels are written as names, as in training
-    checkpoints.close()
-    write_submission(values["out"], ids, labels, class_names)
+    write_submission(values["out"], ids, labels, class_names)  # class names, as training's submission.csv
     print(f"wrote {values['out']} ({len(ids)} predictions)")
+    members = probabilities.argmax(-1) if num_members > 1 else None  # int64[K, N]
+    if values["members"]:
+        for i, member_labels in enumerate(members):
+            write_submission(member_path(values["out"], i), ids, member_labels, class_names)
+        print(f"wrote {member_path(values['out'], 0)} .. {member_path(values['out'], num_members - 1)} "
+              f"({num_members} members)")
+    if truth is not None:
+        print(evaluation_table(truth, labels, class_names))
+        if members is not None:
+            print("member accuracies: " + ", ".join(f"{np.mean(m == truth):.4f}" for m in members))
+        from imgclf_jax import report
+
+        stem = os.path.splitext(os.path.basename(values["out"]))[0] + "_confusion_matrix"
+        folder = os.path.dirname(os.path.abspath(values["out"]))
+        accuracy = float(np.mean(labels == truth))
+        report.save_confusion_matrix(report.confusion_matrix(truth, labels, len(class_names)), class_names,
+                                     folder, f"{os.path.basename(os.path.normpath(values['images']))}: "
+                                     f"accuracy {accuracy:.4f}", name=stem)
+        print(f"wrote {os.path.join(os.path.dirname(values['out']), stem)}.json and .png")
     return 0
 
 

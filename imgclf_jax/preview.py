@@ -2,8 +2,11 @@
 
 Usage::
 
-  python -m imgclf_jax.preview --config configs/ml6.py --out grid.png \
+  python -m imgclf_jax.preview --config configs/ml6.py [--out grid.png | --workdir DIR] \
       [--config.data.dir=...] [--epoch 1] [--num_images 32]
+
+The grid goes to ``--out``, or else to ``preview.png`` in the workdir
+(``--workdir``, default ``runs/NAME``); giving both is refused.
 
 Writes a PNG grid of the first `num_images` real rows of the given training
 epoch (1-based, as in history.json), each titled with its class name, exactly as the training
@@ -68,6 +71,9 @@ def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"out": str, "epoch": int, "num_images": int})
     config = args.config
+    if args.extras["out"] and any(w == "--workdir" or w.startswith("--workdir=") for w in argv):
+        raise ConfigError("give --out FILE or --workdir DIR, not both (the grid goes to --out, "
+                          "else to WORKDIR/preview.png)")
     out = args.extras["out"] or os.path.join(args.workdir, "preview.png")
     epoch = (1 if args.extras["epoch"] is None else args.extras["epoch"]) - 1  # 0-based inside
     if epoch < 0:

@@ -98,9 +98,10 @@ def plot_member_curves(history: list[dict], workdir: str) -> None:
                       os.path.join(workdir, name), title_size=9, fontsize=7, ncol=2)
 
 
-def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str) -> None:
-    """Writes confusion_matrix.json (counts) and confusion_matrix.png."""
-    write_json(os.path.join(workdir, "confusion_matrix.json"), {
+def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str,
+                          name: str = "confusion_matrix") -> None:
+    """Writes `name`.json (counts) and `name`.png into the folder `workdir`."""
+    write_json(os.path.join(workdir, f"{name}.json"), {
         "class_names": class_names,
         "rows": "true class",
         "columns": "predicted class",
@@ -120,7 +121,7 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
     ax.set_ylabel("true class")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "confusion_matrix.png"), dpi=100)
+    fig.savefig(os.path.join(workdir, f"{name}.png"), dpi=100)
     plt.close(fig)
 
 

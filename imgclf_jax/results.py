@@ -1,4 +1,8 @@
-"""A results table of finished runs: ``python -m imgclf_jax.results runs/a runs/b ...``.
+"""A results table of finished runs: ``python -m imgclf_jax.results runs/a runs/b ...`` or ``... runs/``.
+
+Each argument is a run's workdir (a folder with summary.json), or a folder
+holding runs: then every run below it (any depth, sorted by path) that has a
+summary.json is listed; a folder with none stops with one line.
 
 Prints one Markdown row per workdir (from its config.json, summary.json and
 history.json): parameters, best validation accuracy and its epoch, epochs run,
@@ -60,11 +64,36 @@ def ensemble_rows(workdir: str) -> list[str]:
     return out
 
 
+def find_runs(path: str) -> list[str]:
+    """The finished runs `path` names: itself if it holds summary.json, else every run below it.
+
+    Returns:
+      workdirs, sorted by path; a run's own subfolders are not searched.
+
+    Raises:
+      ConfigError: `path` does not exist, or no summary.json is in it or below it.
+    """
+    if os.path.isfile(os.path.join(path, "summary.json")):
+        return [path]
+    if not os.path.isdir(path):
+        raise ConfigError(f"'{path}' not found (give a run's workdir or a folder of runs)")
+    runs = []
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        if "summary.json" in files:
+            runs.append(folder)
+            subfolders.clear()  # checkpoints etc. of that run
+    if not runs:
+        raise ConfigError(f"'{path}' holds no finished run: no summary.json in it or in any folder below it")
+    return sorted(runs)
+
+
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
-    workdirs = [word for word in argv if not word.startswith("-")]
-    if not workdirs or len(workdirs) != len(argv):
-        raise ConfigError("usage: python -m imgclf_jax.results WORKDIR [WORKDIR ...]")
+    paths = [word for word in argv if not word.startswith("-")]
+    if not paths or len(paths) != len(argv):
+        raise ConfigError("usage: python -m imgclf_jax.results WORKDIR_OR_FOLDER_OF_RUNS [...]")
+    workdirs = [run for path in paths for run in find_runs(path)]
     print(HEADER)
     for workdir in workdirs:
         if "members" in _load(workdir, "summary.json"):

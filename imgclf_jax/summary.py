@@ -95,7 +95,7 @@ def format_table(rows: list[cnn.LayerSpec]) -> str:
 
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
-    args = cli.parse_args(argv, {"num_classes": int})
+    args = cli.parse_args(argv, {"num_classes": int}, workdir=False)
     config = args.config
     num_classes = args.extras["num_classes"]
     if num_classes is None:

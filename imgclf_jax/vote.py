@@ -4,7 +4,9 @@ Usage::
 
   python -m imgclf_jax.vote A.csv B.csv [C.csv ...] --out merged.csv
 
-Each file is ``image_id,label`` with integer labels and the same set of ids.
+Each file is ``image_id,label`` with the same set of ids; labels are text (class
+names: '0'..'4' for the competition, folder names for a ``folders`` run) and are
+compared as text, so '3' and '03' are different labels.
 The merged file has the first file's id order and, per id, the label most
 files give. Ties are broken deterministically (the original broke them at
 random): among the tied labels, the one given by the earliest file on the
@@ -14,34 +16,51 @@ command line wins, so list the files best first.
 from __future__ import annotations
 
 import collections
+import csv
 import os
 
 from imgclf_jax import cli
 from imgclf_jax.data.scan import read_csv
 from imgclf_jax.errors import ConfigError, DataError
-from imgclf_jax.report import write_submission
 
 
-def read_submission(path: str) -> dict[str, int]:
-    """``image_id -> label`` of one submission file, in file order.
+def read_submission(path: str) -> dict[str, str]:
+    """``image_id -> label`` (text, whitespace stripped) of one submission file, in file order.
 
     Raises:
-      DataError: a missing file, missing columns, duplicate ids or a non-integer label (naming file and line).
+      DataError: a missing file, missing columns, duplicate ids or an empty label (naming file and line).
     """
     labels = {}
     for line, image_id, text in read_csv(path, need_label=True):
-        try:
-            labels[image_id] = int(text)
-        except ValueError:
-            raise DataError(f"CSV file '{path}' line {line}: label {text!r} is not an integer") from None
+        if not text:
+            raise DataError(f"CSV file '{path}' line {line}: empty label for id '{image_id}'")
+        labels[image_id] = text
     return labels
 
 
-def majority_vote(votes: list[dict[str, int]]) -> dict[str, int]:
+def write_labels(path: str, image_ids: list[str], labels: list[str]) -> None:
+    """Writes ``image_id,label`` rows with text labels, atomically (a temporary file renamed).
+
+    Raises:
+      ConfigError: `path` is a folder.
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"--out '{path}' is a folder; give a file name such as {path}/merged.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["image_id", "label"])
+        writer.writerows(zip(image_ids, labels))
+    os.replace(tmp, path)
+
+
+def majority_vote(votes: list[dict]) -> dict:
     """Per id (in the first mapping's order) the most frequent label; ties to the earliest voter.
 
     Args:
-      votes: one ``image_id -> label`` mapping per voter, all with the same ids.
+      votes: one ``image_id -> label`` mapping per voter, all with the same ids; labels are
+        any hashable values (text as read from files), compared with ``==``.
     """
     merged = {}
     for image_id in votes[0]:
@@ -83,9 +102,7 @@ def main(argv: list[str]) -> int:
                 f"{' (e.g. ' + extra[0] + ')' if extra else ''}"
             )
     merged = majority_vote(votes)
-    names = sorted(set(merged.values()))  # integer labels, written back as they were read
-    index = {label: i for i, label in enumerate(names)}
-    write_submission(out, list(merged), [index[label] for label in merged.values()], [str(n) for n in names])
+    write_labels(out, list(merged), list(merged.values()))
     print(f"wrote {out}: {len(merged)} ids, majority of {len(files)} files")
     return 0
 

@@ -202,3 +202,35 @@ def test_more_override_forms_and_config_file_failures(tmp_path):
     data.write_text("image_id,label\n")
     with pytest.raises(ConfigError, match="is not a Python file"):
         cli.parse_args(["--config", str(data)])
+
+
+def test_a_missing_config_lists_the_available_configs(tmp_path):
+    done = run_tool("imgclf_jax.train", "--config", "configs/ml7.py")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "config file 'configs/ml7.py' not found; available: configs/digits.py, configs/folders.py, configs/ml1.py," in done.stderr
+    assert "configs/ml6_ensemble.py" in done.stderr
+    own = tmp_path / "mine"
+    own.mkdir()
+    (own / "b.py").write_text("")
+    (own / "a.py").write_text("")
+    (own / "_helpers.py").write_text("")
+    with pytest.raises(ConfigError, match=r"not found; available: .*mine/a\.py, .*mine/b\.py$"):
+        config_lib.load_config_file(str(own / "c.py"))
+
+
+def test_every_flag_a_config_tool_takes_is_used():
+    # summary writes nothing: --workdir is refused, not ignored.
+    done = run_tool("imgclf_jax.summary", "--config", "configs/digits.py", "--workdir", "runs/x")
+    assert done.returncode == 2 and "unknown flag --workdir" in done.stderr
+    # preview writes --out, else WORKDIR/preview.png: both at once is refused.
+    done = run_tool("imgclf_jax.preview", "--config", "configs/digits.py", "--out", "g.png", "--workdir", "runs/x")
+    assert done.returncode == 2 and "give --out FILE or --workdir DIR, not both" in done.stderr
+
+
+def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
+    from imgclf_jax import preview
+
+    code = preview.main(["--config", str(ROOT / "configs/digits.py"), "--workdir", str(tmp_path / "w"),
+                         f"--config.data.cache_dir={tmp_path / 'cache'}", "--num_images", "4"])
+    assert code == 0 and (tmp_path / "w" / "preview.png").stat().st_size > 0
+    assert f"wrote {tmp_path / 'w' / 'preview.png'} (4 images)" in capsys.readouterr().out

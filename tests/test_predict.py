@@ -72,6 +72,9 @@ def test_predict_on_the_validation_folder_reproduces_validation_accuracy(trained
     by_csv = read_csv_rows(out_csv)
     assert [r[0] for r in by_csv[1:]] == [i for i, _ in read_rows(data / "validation.csv")]
     assert dict(map(tuple, by_csv[1:])) == dict(map(tuple, rows[1:]))
+    # validation.csv has labels ('0'..'4', the run's class names): the printed accuracy is the run's.
+    correct = round(summary["result_val_accuracy"] * len(truth))
+    assert f"accuracy {summary['result_val_accuracy']:.4f} ({correct} of {len(truth)} images)" in done.stdout
 
 
 def test_predict_errors_are_one_line(trained_run, tmp_path):
@@ -147,3 +150,157 @@ def test_twelve_classes_are_written_by_name_in_submission_and_predict(twelve_cla
     done = run_predict("--workdir", workdir, "--images", data / "test", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(read_csv_rows(out)[1:]) == sorted(submission[1:])  # predict writes what training wrote
+
+
+# ------------------------------------------------ labelled images: a digits run, class-folder trees
+
+
+def digits_tree(root, count=30):
+    """The first `count` sklearn digits as 32x32 RGB PNGs in root/<digit>/d<i>.png, as the digits builder
+    renders them (bilinear upscaling): the run's own evaluation input. Returns {id: true digit}."""
+    import numpy as np
+    from PIL import Image
+
+    from imgclf_jax.data.scan import digits_arrays
+
+    images, labels = digits_arrays()
+    truth = {}
+    for i in range(count):
+        big = np.asarray(Image.fromarray(images[i]).resize((32, 32), Image.Resampling.BILINEAR))
+        (root / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.repeat(big[..., None], 3, axis=-1)).save(root / str(labels[i]) / f"d{i}.png")
+        truth[f"{labels[i]}/d{i}"] = str(labels[i])
+    return truth
+
+
+def train_digits(workdir, cache, *extra):
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py", "--config.train.num_epochs=1",
+         "--config.data.max_train_examples=200", "--config.data.max_val_examples=100",
+         f"--config.data.cache_dir={cache}", "--workdir", str(workdir), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A 1-epoch digits run (200 training images, ~0.7 validation accuracy: errors to count) and a tree."""
+    tmp = tmp_path_factory.mktemp("digits_predict")
+    truth = digits_tree(tmp / "tree")
+    return train_digits(tmp / "run", tmp / "cache"), tmp / "tree", truth, tmp / "cache"
+
+
+def parse_table(stdout):
+    """(accuracy line, {class: (accuracy text, correct, images)}, confusion rows {class: [counts]})."""
+    lines = stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("accuracy "))
+    per_class = {}
+    i = head + 2
+    while not lines[i].startswith("confusion matrix"):
+        name, acc, counts = lines[i].split()
+        correct, images = map(int, counts.split("/"))
+        per_class[name] = (acc, correct, images)
+        i += 1
+    header = lines[i + 1].split()
+    matrix = {}
+    for line in lines[i + 2: i + 2 + len(header)]:
+        name, *counts = line.split()
+        matrix[name] = list(map(int, counts))
+    return lines[head], per_class, header, matrix
+
+
+def test_predict_a_class_folder_tree_prints_accuracy_and_confusion(digits_run, tmp_path):
+    workdir, tree, truth, _ = digits_run
+    out = tmp_path / "preds" / "tree.csv"
+    done = run_predict("--workdir", workdir, "--images", tree, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_csv_rows(out)
+    assert rows[0] == ["image_id", "label"] and [r[0] for r in rows[1:]] == sorted(truth)  # ids <class>/<stem>
+    predicted = dict(map(tuple, rows[1:]))
+    correct = sum(predicted[i] == truth[i] for i in truth)
+    assert 0 < correct < len(truth)  # a 1-epoch run: right and wrong answers, so the counts mean something
+    first, per_class, header, matrix = parse_table(done.stdout)
+    assert first == f"accuracy {correct / len(truth):.4f} ({correct} of {len(truth)} images)"
+    names = [str(d) for d in range(10)]
+    assert header == names and list(per_class) == names
+    for name in names:  # by hand from the written predictions and the folder names
+        ids = [i for i in truth if truth[i] == name]
+        right = sum(predicted[i] == name for i in ids)
+        assert per_class[name] == (f"{right / len(ids):.4f}", right, len(ids))
+        assert matrix[name] == [sum(predicted[i] == col for i in ids) for col in names]
+    saved = json.loads((tmp_path / "preds" / "tree_confusion_matrix.json").read_text())
+    assert saved["class_names"] == names and saved["counts"] == [matrix[n] for n in names]
+    assert (tmp_path / "preds" / "tree_confusion_matrix.png").stat().st_size > 0
+
+    # The same images as a CSV with a label column (in another order) give the same table.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image_id in truth:
+        (flat / image_id.replace("/", "_")).with_suffix(".png").write_bytes((tree / f"{image_id}.png").read_bytes())
+    order = sorted(truth, reverse=True)
+    (tmp_path / "flat.csv").write_text("image_id,label\n" + "".join(
+        f"{i.replace('/', '_')},{truth[i]}\n" for i in order))
+    done = run_predict("--workdir", workdir, "--images", tmp_path / "flat.csv", "--out", tmp_path / "flat_out.csv")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert parse_table(done.stdout) == (first, per_class, header, matrix)
+    # A blank label column (a test.csv with the header only) is unlabelled: no table.
+    (tmp_path / "blank.csv").write_text("image_id,label\n" + "".join(f"{i.replace('/', '_')},\n" for i in order))
+    done = run_predict("--workdir", workdir, "--images", tmp_path / "blank.csv", "--image_dir", flat,
+                       "--out", tmp_path / "b.csv")
+    assert done.returncode == 0 and "accuracy" not in done.stdout
+
+
+def test_labels_outside_the_runs_classes_are_one_line_errors(digits_run, tmp_path):
+    workdir, tree, truth, _ = digits_run
+
+    def fails(*args):
+        done = run_predict("--workdir", workdir, "--out", tmp_path / "x.csv", *args)
+        assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "x.csv").exists()  # refused before predicting
+        return done.stderr
+
+    small = tmp_path / "tree"
+    (small / "3").mkdir(parents=True)
+    (small / "cat").mkdir()
+    (small / "3" / "a.png").write_bytes((tree / "3" / "d3.png").read_bytes())
+    (small / "cat" / "b.png").write_bytes((tree / "4" / "d4.png").read_bytes())
+    err = fails("--images", small)
+    assert f"class folder '{small / 'cat'}' is not one of the run's 10 classes (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in err
+    (small / "stray.png").write_bytes((tree / "4" / "d4.png").read_bytes())
+    assert "holds both images and subfolders (3, cat)" in fails("--images", small)
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "a.png").write_bytes((tree / "3" / "d3.png").read_bytes())
+    (tmp_path / "t" / "b.png").write_bytes((tree / "4" / "d4.png").read_bytes())
+    (tmp_path / "t.csv").write_text("image_id,label\na,3\nb,seven\n")
+    assert "CSV file '" + str(tmp_path / "t.csv") + "' line 3: label 'seven' is not one of the run's" in fails(
+        "--images", tmp_path / "t.csv")
+    (tmp_path / "t.csv").write_text("image_id,label\na,3\nb,\n")
+    assert "t.csv' line 3: empty label (other rows have labels" in fails("--images", tmp_path / "t.csv")
+    err = fails("--images", tmp_path / "t", "--config", "configs/digits.py")
+    assert "predict takes no --config: it reads the run's config from --workdir" in err
+    assert "--members needs an ensemble run" in fails("--images", tmp_path / "t", "--members")
+
+
+def test_members_writes_each_members_predictions(digits_run, tmp_path):
+    single, tree, truth, cache = digits_run
+    ensemble = train_digits(tmp_path / "ens", cache, "--config.ensemble.num_members=2")
+    out = tmp_path / "out" / "vote.csv"
+    done = run_predict("--workdir", ensemble, "--images", tree, "--out", out, "--members")
+    assert done.returncode == 0, done.stderr[-3000:]
+    vote, m0, m1 = (dict(map(tuple, read_csv_rows(p)[1:])) for p in
+                    (out, tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv"))
+    assert list(m0) == list(m1) == list(vote) == sorted(truth)
+    # Member 0 is the plain run with the same seed: its file equals that run's predictions.
+    plain = tmp_path / "plain.csv"
+    assert run_predict("--workdir", single, "--images", tree, "--out", plain).returncode == 0
+    assert dict(map(tuple, read_csv_rows(plain)[1:])) == m0
+    assert any(m0[i] != m1[i] for i in truth)  # two different models
+    assert all(vote[i] == m0[i] for i in truth if m0[i] == m1[i])  # where they agree, so does the vote
+    accs = [sum(m[i] == truth[i] for i in truth) / len(truth) for m in (m0, m1)]
+    assert f"member accuracies: {accs[0]:.4f}, {accs[1]:.4f}" in done.stdout
+    # Without --members only the vote's file.
+    done = run_predict("--workdir", ensemble, "--images", tree, "--out", tmp_path / "only" / "v.csv")
+    assert done.returncode == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == [
+        "v.csv", "v_confusion_matrix.json", "v_confusion_matrix.png"]

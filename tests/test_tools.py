@@ -65,3 +65,53 @@ def test_results_table_reads_finished_runs(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "| runA | 1,234,567 | 0.7500 | 2 | 2 | 2.0 min | 61.3 | 100 |"
+
+
+def test_vote_merges_text_labels_of_folder_runs(tmp_path):
+    # Class names as a folders run writes them; ties still go to the earliest file.
+    a = write(tmp_path / "a.csv", [("cat/1", "cat"), ("dog/2", "dog"), ("x", "10")])
+    b = write(tmp_path / "b.csv", [("cat/1", "dog"), ("dog/2", "bird"), ("x", "2")])
+    c = write(tmp_path / "c.csv", [("cat/1", "dog"), ("dog/2", "cat"), ("x", "2")])
+    out = tmp_path / "merged.csv"
+    done = run(a, b, c, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert out.read_text() == "image_id,label\ncat/1,dog\ndog/2,dog\nx,2\n"  # dog/2: 3-way tie -> a's
+    assert majority_vote([{"i": "10"}, {"i": "2"}]) == {"i": "10"}  # text, not int: no '10' -> 2 confusion
+    empty = write(tmp_path / "e.csv", [("cat/1", ""), ("dog/2", "dog"), ("x", "2")])
+    done = run(a, empty, "--out", out)
+    assert done.returncode == 1 and "e.csv' line 2: empty label for id 'cat/1'" in done.stderr
+
+
+def fake_run(folder, best=0.75):
+    import json
+    folder.mkdir(parents=True)
+    (folder / "history.json").write_text(json.dumps([
+        {"epoch": 1, "val_accuracy": 0.5, "seconds": 30.0}, {"epoch": 2, "val_accuracy": best, "seconds": 90.0}]))
+    (folder / "summary.json").write_text(json.dumps(
+        {"num_params": 1234567, "best_epoch": 2, "train_images_per_s": 61.26, "num_train_examples": 100}))
+    (folder / "checkpoints" / "result").mkdir(parents=True)
+    return folder
+
+
+def run_results(*args):
+    return subprocess.run([sys.executable, "-m", "imgclf_jax.results", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def test_results_lists_every_run_below_a_folder(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "b", best=0.625)
+    fake_run(runs / "a")
+    fake_run(runs / "seeds" / "s1", best=0.5)
+    (runs / "unfinished").mkdir()
+    (runs / "unfinished" / "history.json").write_text("[]")
+    done = run_results(runs)
+    assert done.returncode == 0, done.stderr
+    rows = done.stdout.strip().splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| a", "| b", "| s1"]  # sorted by path, unfinished skipped
+    assert [r.split(" | ")[2] for r in rows] == ["0.7500", "0.6250", "0.5000"]
+    done = run_results(runs / "unfinished")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "holds no finished run: no summary.json in it or in any folder below it" in done.stderr
+    done = run_results(tmp_path / "absent")
+    assert done.returncode == 2 and "absent' not found" in done.stderr

@@ -182,8 +182,11 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
         try:
             value = ast.literal_eval(text) if text.strip() else ()
         except (ValueError, SyntaxError):
-            # Bare words: 'same,valid' or '[same,valid]' -> ('same', 'valid').
-            value = tuple(part.strip() for part in text.strip().strip("()[]").split(","))
+            # Bare words: 'same,valid' or '[same,valid]' -> ('same', 'valid'); '(same,)' -> ('same',).
+            parts = [part.strip() for part in text.strip().strip("()[]").split(",")]
+            if len(parts) > 1 and parts[-1] == "":  # the trailing comma of a 1-tuple
+                parts.pop()
+            value = tuple(parts)
         if current and type(current[0]) is bool:
             words = {"true": True, "false": False, "1": True, "0": False}
             value = tuple(words.get(str(v).strip().lower(), v) if not isinstance(v, bool) else v

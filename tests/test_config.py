@@ -57,6 +57,22 @@ def test_overrides_are_typed_and_both_forms_work():
     assert args.workdir == "/tmp/x"
 
 
+def test_one_tuples_in_bare_words():
+    c = config_lib.load_config_file(str(ROOT / "configs/digits.py"))
+    for key, text, expected in (("model.conv_paddings", "(same,)", ("same",)),
+                                ("model.conv_paddings", "same,", ("same",)),
+                                ("model.conv_pools", "(true,)", (True,)),
+                                ("model.conv_filters", "(8,)", (8,)),
+                                ("model.conv_paddings", "(same, valid)", ("same", "valid"))):
+        config_lib.apply_override(c, key, text)
+        assert c[key.split(".")[0]][key.split(".")[1]] == expected, (key, text)
+    c.model.conv_filters, c.model.conv_kernel_sizes, c.model.conv_dropouts = (8, 8), (3, 3), (0.0, 0.0)
+    c.model.conv_pools = (True, True)
+    config_lib.apply_override(c, "model.conv_paddings", "(same,,)")  # only one trailing comma is dropped:
+    with pytest.raises(ConfigError, match="'model.conv_paddings' must be each in"):  # the empty part is refused
+        config_lib.validate(c)
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.batchsize=3", "unknown config key 'train.batchsize' (did you mean 'train.batch_size'?)"),
     ("--config.nothing=3", "unknown config key 'nothing'"),

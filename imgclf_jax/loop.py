@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import config as config_lib
-from imgclf_jax import parallel, report, steps
+from imgclf_jax import memory, parallel, report, steps, workdir_lock
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.errors import ConfigError, UserError
@@ -60,6 +60,21 @@ RUN_FILES = ("config.json", "history.json", "summary.json", "accuracy.png", "los
 RUN_FILE_PATTERN = re.compile(r"submission_member_\d+\.csv")  # an ensemble's per-member submissions
 
 
+def check_workdir_place(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir that is a file or lies inside data.dir (before anything is written there).
+
+    Raises:
+      ConfigError: naming the workdir.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
+    if config.data.dir and os.path.isdir(config.data.dir):
+        data_dir, real = os.path.realpath(config.data.dir), os.path.realpath(workdir)
+        if os.path.commonpath([data_dir, real]) == data_dir:
+            raise ConfigError(f"--workdir '{workdir}' lies inside data.dir ({config.data.dir}); "
+                              "the data folder is never written to")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Refuses to reuse a workdir that holds a run of another config (unless `overwrite`).
 
@@ -71,13 +86,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
       ConfigError: the workdir's config.json differs in keys other than RESUMABLE_CHANGES,
         or is not a run config, or the workdir is a file, lies inside data.dir or is not writable.
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
-    if config.data.dir and os.path.isdir(config.data.dir):
-        data_dir, real = os.path.realpath(config.data.dir), os.path.realpath(workdir)
-        if os.path.commonpath([data_dir, real]) == data_dir:
-            raise ConfigError(f"--workdir '{workdir}' lies inside data.dir ({config.data.dir}); "
-                              "the data folder is never written to")
+    check_workdir_place(workdir, config)
     path = os.path.join(workdir, "config.json")
     old = None
     if os.path.exists(path):
@@ -253,12 +262,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
 
     A config with ``ensemble.num_members > 1`` is an ensemble job
     (:func:`imgclf_jax.ensemble.loop.train_ensemble`).
-    """
-    if config.ensemble.num_members > 1:
-        from imgclf_jax.ensemble.loop import train_ensemble
 
-        return train_ensemble(config, workdir, overwrite)
+    The workdir is locked for the whole call (:mod:`imgclf_jax.workdir_lock`): a second
+    run on it, in this or another process, stops with WorkdirBusy (a ConfigError) before
+    anything in the workdir is touched.
+    """
+    check_workdir_place(workdir, config)
+    with workdir_lock.WorkdirLock(workdir):
+        if config.ensemble.num_members > 1:
+            from imgclf_jax.ensemble.loop import train_ensemble
+
+            return train_ensemble(config, workdir, overwrite)
+        return _train_plain(config, workdir, overwrite)
+
+
+def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
+    """:func:`train_and_evaluate` of a plain (one-member) run, inside the workdir lock."""
     data, model, tx, schedule, mesh = prepare_run(config, workdir, overwrite)
+    memory.check_fits(memory.member_memory(model, tx, config.model.l2, config.data.image_size,
+                                           config.train.batch_size // mesh.size),
+                      1, bool(config.train.early_stopping.monitor), list(mesh.devices.flat),
+                      config.data.image_size)
     rep = parallel.replicated(mesh)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)

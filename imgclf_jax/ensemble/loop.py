@@ -101,7 +101,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     keeps_best = bool(es.monitor)
     member_mem = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                       config.train.batch_size // mesh.size)
-    mem_figures = memory.check_fits(member_mem, k, keeps_best, list(mesh.devices.flat))
+    mem_figures = memory.check_fits(member_mem, k, keeps_best, list(mesh.devices.flat),
+                                   config.data.image_size)
     mode = resolve_mapping(config.ensemble.mapping)
     shared = config.ensemble.shared_data
     seeds = ens_steps.member_seeds(config.seed, k)

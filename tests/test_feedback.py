@@ -1,0 +1,146 @@
+"""The run's feedback and guards (issue 13): start banner, workdir lock, memory check, progress, plots."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from imgclf_jax import config as config_lib, loop, memory, workdir_lock
+from imgclf_jax.errors import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_digits(tmp_path, **overrides):
+    """configs/digits.py with a tiny model, 100 train / 50 validation rows, 1 epoch."""
+    c = config_lib.load_config_file(str(ROOT / "configs/digits.py"))
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.image_size = 16
+    c.data.max_train_examples, c.data.max_val_examples = 100, 50
+    c.model.conv_filters, c.model.dense_units = (4, 8), (16,)
+    c.train.num_epochs, c.train.batch_size = 1, 32
+    for key, value in overrides.items():
+        config_lib.apply_override(c, key, str(value))
+    config_lib.validate(c)
+    return c
+
+
+# ----------------------------------------------------------------- workdir lock
+
+
+def test_a_second_lock_on_a_workdir_is_refused_naming_it_and_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    with workdir_lock.WorkdirLock(str(workdir)):
+        assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
+        # flock locks belong to the open file description: a second open in this process conflicts.
+        with pytest.raises(workdir_lock.WorkdirBusy,
+                           match=f"workdir '{workdir}' is in use by another train process \\(pid {os.getpid()}\\)"):
+            workdir_lock.WorkdirLock(str(workdir)).acquire()
+        with pytest.raises(workdir_lock.WorkdirBusy):
+            loop.train_and_evaluate(tiny_digits(tmp_path), str(workdir))
+        assert not (workdir / "config.json").exists()  # refused before anything was written
+    assert not (workdir / workdir_lock.LOCK_NAME).exists()  # released and removed
+    with workdir_lock.WorkdirLock(str(workdir)):  # free again
+        pass
+
+
+def test_a_lock_held_by_a_killed_process_is_free_again(tmp_path):
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from imgclf_jax.workdir_lock import WorkdirLock; "
+         f"WorkdirLock({str(workdir)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir_lock.WorkdirBusy, match=f"pid {holder.pid}"):
+            workdir_lock.WorkdirLock(str(workdir)).acquire()
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs; the kernel drops the flock
+        holder.wait()
+    assert (workdir / workdir_lock.LOCK_NAME).exists()  # left behind by the killed holder
+    with workdir_lock.WorkdirLock(str(workdir)):
+        assert (workdir / workdir_lock.LOCK_NAME).read_text().strip() == str(os.getpid())
+
+
+def test_train_cli_refuses_a_locked_workdir_with_one_line(tmp_path):
+    workdir = tmp_path / "run"
+    with workdir_lock.WorkdirLock(str(workdir)):
+        done = subprocess.run(
+            [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py",
+             f"--config.data.cache_dir={tmp_path / 'cache'}", "--workdir", str(workdir), "--overwrite"],
+            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0] == (f"imgclf_jax.train: error: workdir '{workdir}' is in use by another train process "
+                        f"(pid {os.getpid()}); wait for it to finish or stop it, or use another --workdir")
+    assert sorted(p.name for p in workdir.iterdir()) == []  # --overwrite removed nothing; lock file gone
+
+
+# ----------------------------------------------------------------- memory check
+
+
+def fake_free(monkeypatch, free_bytes):
+    monkeypatch.setattr(memory, "available_bytes", lambda devices: (free_bytes, "mocked"))
+
+
+def test_a_plain_run_that_does_not_fit_stops_before_training_saying_what_to_reduce(tmp_path, monkeypatch):
+    c = tiny_digits(tmp_path)
+    model_bytes = None
+
+    real_check = memory.check_fits
+
+    def spy(member, *args, **kwargs):
+        nonlocal model_bytes
+        model_bytes = member
+        return real_check(member, *args, **kwargs)
+
+    monkeypatch.setattr(memory, "check_fits", spy)
+    fake_free(monkeypatch, 10**15)
+    loop.train_and_evaluate(c, str(tmp_path / "fits"))  # fits: trains
+    assert (tmp_path / "fits" / "summary.json").exists()
+    m = model_bytes
+    assert m.batch == 16 and m.params > 0 and m.opt_state >= 2 * m.params and m.temp > 0  # 32 over 2 devices
+    # Room for the weights, optimizer state and half the temporaries: about half the batch fits.
+    free = m.params + m.opt_state + m.temp // 2
+    fake_free(monkeypatch, free)
+    with pytest.raises(ConfigError) as e:
+        loop.train_and_evaluate(c, str(tmp_path / "small"))
+    message = str(e.value)
+    assert message.startswith(f"training needs about {m.total / memory.GIB:.2f} GiB per device (params ")
+    assert f"only {free / memory.GIB:.2f} GiB is free (mocked)" in message
+    fits = int((free - m.params - m.opt_state) / (m.temp / m.batch))
+    assert fits in (7, 8)
+    assert f"reduce train.batch_size (the step's temporaries grow with it: about {fits} images per device " \
+           "would fit, 16 asked), or data.image_size (now 16), or the model" in message
+    assert "num_members" not in message and "\n" not in message
+    assert not (tmp_path / "small" / "checkpoints").exists()
+    # Not even the weights fit: the model (or the image size) must shrink.
+    fake_free(monkeypatch, m.params)
+    with pytest.raises(ConfigError, match=r"the weights and optimizer state alone need .* use a smaller model"):
+        loop.train_and_evaluate(c, str(tmp_path / "small"))
+
+
+def test_an_ensemble_where_no_member_fits_says_what_to_reduce_not_num_members_0(monkeypatch):
+    m = memory.MemberMemory(params=100 * 2**20, opt_state=200 * 2**20, temp=2 * 2**30, batch=64)
+    per = m.total + m.params  # keeps best
+    # Room for 2 members' weights, optimizer state and best copy, and half the temporaries of one.
+    free = 2 * (m.params + m.opt_state + m.params) + m.temp // 2
+    assert free < per
+    fake_free(monkeypatch, free)
+    with pytest.raises(ConfigError) as e:
+        memory.check_fits(m, 2, True, [object()], image_size=100)
+    message = str(e.value)
+    assert "num_members <=" not in message
+    assert message.startswith(f"ensemble.num_members=2 needs about {2 * per / memory.GIB:.2f} GiB per device "
+                              f"({per / memory.GIB:.2f} GiB per member: params 0.10, optimizer state 0.20, "
+                              "step temporaries at batch 64 per device 2.00, best params copy 0.10)")
+    # (free - fixed) / (2 members x 32 MiB per image) = 1 GiB / 64 MiB = 16 images per device
+    assert "about 16 images per device would fit, 64 asked), or data.image_size (now 100)" in message
+    assert message.endswith("or ensemble.num_members")
+    fake_free(monkeypatch, 3 * per + 1)
+    with pytest.raises(ConfigError, match=r"use ensemble.num_members <= 3 or a smaller train.batch_size"):
+        memory.check_fits(m, 5, True, [object()])

@@ -37,6 +37,7 @@ import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import loop, memory, parallel, report
+from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import steps as ens_steps
@@ -164,7 +165,7 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
                 raise loop.Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
                                        f"checkpoint saved in {workdir}; rerun the same command to resume")
             started = time.perf_counter()
-            val = loop.evaluate(eval_step, state.members.params, data.validation, config, mesh)
+            val = loop.evaluate(eval_step, state.members.params, data.validation, config, mesh, desc="validation")
             improved = np.zeros(k, bool)
             for i in np.flatnonzero(trained):
                 if not math.isfinite(val.loss[i]):
@@ -198,7 +199,9 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
             }
             print(f"epoch {epoch + 1}: val_accuracy " + " ".join(f"{v:.4f}" for v in entry["val_accuracy"])
                   + f", majority {entry['majority_val_accuracy']:.4f}, soft {entry['soft_val_accuracy']:.4f}, "
-                  f"{int(sum(trained))}/{k} trained, {entry['seconds']:.0f}s")
+                  f"{int(sum(trained))}/{k} trained, {entry['seconds']:.0f}s; "
+                  + progress_lib.eta_text([h["seconds"] for h in progress.history] + [entry["seconds"]],
+                                          config.train.num_epochs - epoch - 1, keeps_best))
             progress.history.append(entry)
             progress.epoch, progress.batch, progress.seconds = epoch + 1, 0, 0.0
             progress.totals = _empty_totals(k)
@@ -230,7 +233,7 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         "num_members": k,
         "config": config.to_dict(),
     })
-    val = loop.evaluate(eval_step, params, data.validation, config, mesh)
+    val = loop.evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
     labels = data.validation.labels
     votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in ("majority", "soft")}
     rule = config.ensemble.vote
@@ -239,7 +242,7 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
                                  f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
     report.plot_member_curves(history, workdir)
     if data.test is not None:
-        test = loop.evaluate(eval_step, params, data.test, config, mesh)
+        test = loop.evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
                                 vote(test.probabilities, rule))
         for i in range(k):

@@ -28,7 +28,7 @@ import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import config as config_lib
-from imgclf_jax import memory, parallel, report, steps, workdir_lock
+from imgclf_jax import banner, memory, parallel, report, steps, workdir_lock
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
@@ -325,6 +325,8 @@ def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
     else:
         state, progress = make_state(init_key), Progress(data=data.fingerprint)
     num_params = count_params(state.params)
+    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat),
+                              start_text(progress, stopper.stopped, config.train.num_epochs)), flush=True)
 
     def save() -> None:
         progress.early_stopping = stopper.state_dict()
@@ -382,6 +384,15 @@ def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
                      num_params, checkpoints, eval_step, mesh)
     checkpoints.close()
     return summary
+
+
+def start_text(progress: Progress, stopped: bool, num_epochs: int) -> str:
+    """The start banner's last words: a fresh run, a resumed one (where), or a finished one."""
+    if progress.epoch == 0 and progress.batch == 0:
+        return "fresh run"
+    if stopped or progress.epoch >= num_epochs:
+        return f"finished run ({progress.epoch} epochs); writing its reports again"
+    return f"resuming at epoch {progress.epoch + 1}, batch {progress.batch} (from checkpoints/latest)"
 
 
 def _check_finite(metrics, global_step: int, epoch: int, batch: int, workdir: str) -> dict:

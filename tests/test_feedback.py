@@ -144,3 +144,58 @@ def test_an_ensemble_where_no_member_fits_says_what_to_reduce_not_num_members_0(
     fake_free(monkeypatch, 3 * per + 1)
     with pytest.raises(ConfigError, match=r"use ensemble.num_members <= 3 or a smaller train.batch_size"):
         memory.check_fits(m, 5, True, [object()])
+
+
+# ----------------------------------------------------------------- start banner
+
+
+def test_every_run_starts_with_the_banner_fresh_then_resumed(tmp_path, capsys):
+    c = tiny_digits(tmp_path)
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(c, workdir)
+    out = capsys.readouterr().out.splitlines()
+    first = next(i for i, line in enumerate(out) if line.startswith("train: "))
+    assert out[first:first + 5] == [
+        f"train: builder 'digits', data.dir none (bundled data), prepared in {tmp_path / 'cache'}/"
+        + out[first].rsplit("/", 1)[1],
+        "  rows: train 100, validation 50, test none",
+        # data.max_train_examples=100 is class-balanced: 10 of each digit
+        "  classes (10; train rows each): " + ", ".join(f"{i} 10" for i in range(10)),
+        "  images 16x16 RGB; model conv (4, 8) + dense (16,), "
+        f"{json.loads((tmp_path / 'run' / 'summary.json').read_text())['num_params']:,} params; "
+        "batch 32 on 2 device(s) (cpu:0, cpu:1; 16 each)",
+        f"  workdir {workdir}: fresh run",
+    ]
+    assert out[first].rsplit("/", 1)[1].startswith("digits-")
+    loop.train_and_evaluate(tiny_digits(tmp_path, **{"train.num_epochs": 2}), workdir)
+    out = capsys.readouterr().out
+    assert f"  workdir {workdir}: resuming at epoch 2, batch 0 (from checkpoints/latest)\n" in out
+    loop.train_and_evaluate(tiny_digits(tmp_path, **{"train.num_epochs": 2}), workdir)
+    assert f"  workdir {workdir}: finished run (2 epochs); writing its reports again\n" in capsys.readouterr().out
+
+
+def test_the_banner_says_where_each_split_came_from_and_caps_the_class_list():
+    from imgclf_jax import banner
+    from imgclf_jax.data.splits import RunData, Split
+
+    def split(labels):
+        return Split(source=None, records=np.arange(len(labels)), labels=np.asarray(labels),
+                     image_ids=[str(i) for i in range(len(labels))])
+
+    names = [f"class_{i:02d}" for i in range(25)]
+    data = RunData(class_names=names, train=split(list(range(25)) * 2 + [3]), validation=split([0, 1]),
+                   test=split([-1] * 4), fingerprint="folders-abc",
+                   sources={"train": "train/ (51 images)", "validation": "val/ (2 images)",
+                            "test": "test/ (4 images, unlabeled)"})
+    c = config_lib.base_config()
+    c.data.builder, c.data.dir, c.data.cache_dir = "folders", "/data/mine", "/cache"
+    c.ensemble.num_members = 3
+    text = banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run")
+    lines = text.splitlines()
+    assert lines[0] == "train: builder 'folders', data.dir /data/mine, prepared in /cache/folders-abc"
+    assert lines[1] == ("  rows: train 51 (train/ (51 images)), validation 2 (val/ (2 images)), "
+                        "test 4 (test/ (4 images, unlabeled))")
+    assert lines[2].startswith("  classes (25; train rows each): class_00 2, class_01 2, class_02 2, class_03 3, ")
+    assert lines[2].endswith("class_19 2, ... (5 more)")
+    assert "1,234 params per member, 3 members; batch 32 on 1 device(s) (cpu:0; 32 each)" in lines[3]
+    assert lines[4] == "  workdir runs/mine: fresh run" and len(lines) == 5

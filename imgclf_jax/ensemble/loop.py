@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import loop, memory, parallel, report
+from imgclf_jax import banner, loop, memory, parallel, report
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
@@ -144,6 +144,9 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
         stoppers = [EarlyStopping(es.monitor, es.patience) for _ in range(k)]
         nan_steps = [None] * k
     num_params = loop.count_params(state.members.params) // k
+    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat),
+                              loop.start_text(progress, all(s.stopped for s in stoppers), config.train.num_epochs)),
+          flush=True)
 
     def save() -> None:
         progress.early_stopping = {"members": [s.state_dict() for s in stoppers], "nan_steps": nan_steps}

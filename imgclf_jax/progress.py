@@ -97,8 +97,9 @@ def eta_text(epoch_seconds: list[float], epochs_left: int, early_stopping: bool)
     """
     if epochs_left <= 0:
         return "last epoch"
+    left = f"{epochs_left} epoch{'s' if epochs_left > 1 else ''} left"
     if not epoch_seconds:
-        return f"{epochs_left} epochs left"
+        return left
     seconds = sum(epoch_seconds) / len(epoch_seconds) * epochs_left
     if seconds < 90:
         span = f"{seconds:.0f} s"
@@ -106,4 +107,4 @@ def eta_text(epoch_seconds: list[float], epochs_left: int, early_stopping: bool)
         span = f"{seconds / 60:.0f} min"
     else:
         span = f"{seconds / 3600:.1f} h"
-    return f"run ETA {'at most ' if early_stopping else ''}{span} ({epochs_left} epochs left)"
+    return f"run ETA {'at most ' if early_stopping else ''}{span} ({left})"

@@ -34,10 +34,14 @@ def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
         best = ", ".join("-" if m["best_val_accuracy"] is None else f"{m['best_val_accuracy']:.4f} (epoch "
                          f"{m['best_epoch']})" for m in members)
         vote = summary["vote"]
+        peak = vote[vote["rule"]].get("per_epoch_best")
+        peak = (f"; the per-epoch {vote['rule']} vote peaked at {peak['val_accuracy']:.4f} (epoch {peak['epoch']})"
+                if peak else "")
+        at = vote.get("result", {}).get("members_at", "their best epochs")
         first = (f"{summary['num_members']} members, best val_accuracy {best}; result: "
-                 f"{vote['rule']} vote of the members at their best epochs {summary['result_val_accuracy']:.4f} "
-                 f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f}); "
-                 f"{_speed(summary['member_images_per_s'])} member img/s; {minutes:.1f} min")
+                 f"{vote['rule']} vote of the members at {at} {summary['result_val_accuracy']:.4f} "
+                 f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f})"
+                 f"{peak}; {_speed(summary['member_images_per_s'])} member img/s; {minutes:.1f} min")
     else:
         first = (f"best val_accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} of "
                  f"{summary['epochs_run']}{' (stopped early)' if summary['stopped_early'] else ''}; result "

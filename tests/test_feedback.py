@@ -199,3 +199,113 @@ def test_the_banner_says_where_each_split_came_from_and_caps_the_class_list():
     assert lines[2].endswith("class_19 2, ... (5 more)")
     assert "1,234 params per member, 3 members; batch 32 on 1 device(s) (cpu:0; 32 each)" in lines[3]
     assert lines[4] == "  workdir runs/mine: fresh run" and len(lines) == 5
+
+
+# ----------------------------------------------------------------- figures
+
+
+def _boxes(fig, texts):
+    renderer = fig.canvas.get_renderer()
+    return [t.get_window_extent(renderer) for t in texts if t.get_text()]
+
+
+@pytest.mark.parametrize("names", [
+    ["real", "fake"], ["0", "1", "2"], [str(i) for i in range(5)], [str(i) for i in range(12)],
+    ["a_very_long_class_name_number_one", "golden retriever", "Border collie (smooth coat)", "x", "b"],
+    [f"category number {i} long" for i in range(12)], [f"c{i}" for i in range(40)],
+], ids=["2", "3", "5", "12", "5-long", "12-long", "40"])
+def test_confusion_matrix_title_and_names_lie_inside_the_figure_without_overlapping(names):
+    from imgclf_jax import report
+
+    k = len(names)
+    matrix = np.arange(k * k).reshape(k, k) % 7
+    title = "validation, 3-member soft vote: accuracy 0.8123"
+    fig = report.confusion_matrix_figure(matrix, names, title)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    inside = fig.bbox
+    title_box = _boxes(fig, [ax.title])[0]
+    assert ax.title.get_text().replace("\n", " ") == title  # whole, perhaps wrapped
+    xs, ys = _boxes(fig, ax.get_xticklabels()), _boxes(fig, ax.get_yticklabels())
+    assert len(xs) == len(ys) == k
+    for box in [title_box] + xs + ys:
+        assert inside.x0 <= box.x0 and box.x1 <= inside.x1 and inside.y0 <= box.y0 and box.y1 <= inside.y1
+    for a, b in zip(ys, ys[1:]):
+        assert not a.overlaps(b)
+    labels = ax.get_xticklabels()
+    angle = labels[0].get_rotation()
+    if angle == 0:
+        for a, b in zip(xs, xs[1:]):
+            assert a.x1 < b.x0  # left to right, apart
+    else:  # parallel slanted strips: apart when the spacing across them exceeds the text's thickness
+        assert angle == 45
+        renderer = fig.canvas.get_renderer()
+        thickness = []
+        for t in labels:
+            t.set_rotation(0)
+            thickness.append(t.get_window_extent(renderer).height)
+            t.set_rotation(angle)
+        spacing = (xs[1].x1 - xs[0].x1) * np.sin(np.radians(angle))
+        assert spacing > max(thickness), (spacing, max(thickness))
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def _line(ax, label):
+    return next(line for line in ax.get_lines() if line.get_label() == label)
+
+
+def test_curves_mark_the_best_epoch():
+    from imgclf_jax import report
+
+    history = [{"epoch": e + 1, "train_accuracy": a, "val_accuracy": v, "train_loss": 1 - a, "val_loss": 1 - v}
+               for e, (a, v) in enumerate([(0.5, 0.6), (0.7, 0.8), (0.9, 0.75)])]
+    figures = report.curve_figures(history, best_epoch=2)
+    acc = _line(figures["accuracy.png"].axes[0], "best epoch 2 (val_accuracy 0.8000)")
+    assert list(acc.get_xdata()) == [2, 2]  # a vertical line at epoch 2
+    loss = _line(figures["loss.png"].axes[0], "best epoch 2 (val_loss 0.2000)")
+    assert list(loss.get_xdata()) == [2, 2]
+    assert "best epoch" in [t.get_text() for t in figures["accuracy.png"].axes[0].get_legend().get_texts()][2]
+    import matplotlib.pyplot as plt
+    for fig in figures.values():
+        plt.close(fig)
+
+
+def test_an_ensemble_shows_its_result_vote_beside_the_per_epoch_votes(tmp_path, capsys):
+    from imgclf_jax import report, results, train
+
+    c = tiny_digits(tmp_path, **{"ensemble.num_members": 2, "train.num_epochs": 3,
+                                 "train.early_stopping.monitor": "val_loss", "train.early_stopping.patience": 1})
+    workdir = tmp_path / "ens"
+    summary = loop.train_and_evaluate(c, str(workdir))
+    history = json.loads((workdir / "history.json").read_text())
+    assert json.loads((workdir / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    vote = summary["vote"]
+    assert vote["rule"] == "majority"
+    assert vote["result"] == {"rule": "majority", "val_accuracy": summary["result_val_accuracy"],
+                              "members_at": "their own best epochs"}
+    assert vote["result"]["val_accuracy"] == vote["majority"]["val_accuracy"]
+    for rule in ("majority", "soft"):
+        per_epoch = [h[f"{rule}_val_accuracy"] for h in history]
+        best = vote[rule]["per_epoch_best"]
+        assert best["val_accuracy"] == max(per_epoch) and per_epoch.index(max(per_epoch)) == best["epoch"] - 1
+    assert len(results.ensemble_rows(str(workdir))) == 4  # results still reads the summary
+    out = capsys.readouterr().out
+    assert "params per member, 2 members; batch 32" in out
+    line = train.summary_lines(summary, str(workdir), loop.run_files(str(workdir)))[0]
+    assert (f"result: majority vote of the members at their own best epochs {summary['result_val_accuracy']:.4f} "
+            f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f}); the "
+            f"per-epoch majority vote peaked at {vote['majority']['per_epoch_best']['val_accuracy']:.4f} "
+            f"(epoch {vote['majority']['per_epoch_best']['epoch']})") in line
+    best_epochs = [m["best_epoch"] for m in summary["members"]]
+    figures = report.member_curve_figures(history, best_epochs, ("majority vote, members at their own best epochs",
+                                                                 summary["result_val_accuracy"]))
+    ax = figures["accuracy.png"].axes[0]
+    result = _line(ax, f"result: majority vote, members at their own best epochs {summary['result_val_accuracy']:.4f}")
+    assert list(result.get_ydata()) == [summary["result_val_accuracy"]] * 2  # a horizontal line
+    stars = [line for line in ax.get_lines() if line.get_marker() == "*" and len(line.get_xdata())]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [
+        ([e], [history[e - 1]["val_accuracy"][i]]) for i, e in enumerate(best_epochs)]
+    import matplotlib.pyplot as plt
+    for fig in figures.values():
+        plt.close(fig)

@@ -144,9 +144,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
         stoppers = [EarlyStopping(es.monitor, es.patience) for _ in range(k)]
         nan_steps = [None] * k
     num_params = loop.count_params(state.members.params) // k
-    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat),
-                              loop.start_text(progress, all(s.stopped for s in stoppers), config.train.num_epochs)),
-          flush=True)
+    start = loop.start_text(progress, all(s.stopped for s in stoppers), config.train.num_epochs)
+    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat), start), flush=True)
 
     def save() -> None:
         progress.early_stopping = {"members": [s.state_dict() for s in stoppers], "nan_steps": nan_steps}
@@ -225,6 +224,25 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     return summary
 
 
+def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool) -> dict:
+    """summary.json's "vote": the result's votes beside the best per-epoch votes.
+
+    ``vote.<rule>.val_accuracy`` and ``vote.result`` are votes of the result weights (each member at
+    its own best epoch with early stopping, else at the last epoch); ``vote.<rule>.per_epoch_best``
+    is the best vote of all members at the same epoch (history's ``<rule>_val_accuracy``; ties go
+    to the earlier epoch). The two can differ either way: a vote is not bounded by its members.
+    """
+    out = {"rule": rule,
+           "result": {"rule": rule, "val_accuracy": votes[rule],
+                      "members_at": "their own best epochs" if keeps_best else "the last epoch"}}
+    for name in ("majority", "soft"):
+        per_epoch = [h[f"{name}_val_accuracy"] for h in history]
+        best = int(np.argmax(per_epoch))
+        out[name] = {"val_accuracy": votes[name],  # the result weights' vote
+                     "per_epoch_best": {"epoch": history[best]["epoch"], "val_accuracy": per_epoch[best]}}
+    return out
+
+
 def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_params, checkpoints, eval_step,
            mesh, mode, mem_figures) -> dict:
     """Saves the result checkpoint (stacked member params) and writes votes, reports and the summary."""
@@ -243,7 +261,10 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
     matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
-    report.plot_member_curves(history, workdir)
+    members_at = "their own best epochs" if stoppers[0].restores_best else "the last epoch"
+    report.plot_member_curves(history, workdir,
+                              [history[s.best_epoch]["epoch"] if s.best_epoch >= 0 else None for s in stoppers],
+                              result_vote=(f"{rule} vote, members at {members_at}", votes[rule]))
     if data.test is not None:
         test = loop.evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
@@ -276,8 +297,7 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         "best_metric": stoppers[0].tracked,
         "result_weights": "best epoch" if stoppers[0].restores_best else "last epoch",
         "members": members,
-        "vote": {"majority": {"val_accuracy": votes["majority"]}, "soft": {"val_accuracy": votes["soft"]},
-                 "rule": rule},
+        "vote": _vote_summary(history, votes, rule, stoppers[0].restores_best),
         "result_val_accuracy": votes[rule],
         "mean_member_val_accuracy": float(np.mean(val.accuracy)),
         "train_images_per_s": images_per_s,  # batches of the input stream per second x batch size

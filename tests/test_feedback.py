@@ -309,3 +309,55 @@ def test_an_ensemble_shows_its_result_vote_beside_the_per_epoch_votes(tmp_path, 
     import matplotlib.pyplot as plt
     for fig in figures.values():
         plt.close(fig)
+
+
+# ----------------------------------------------------------------- progress
+
+
+class FakeTerminal:
+    def __init__(self):
+        self.text = ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return True
+
+
+def test_progress_is_plain_lines_without_carriage_returns_when_not_a_terminal():
+    import io
+
+    from imgclf_jax import progress
+
+    log = io.StringIO()
+    with progress.Bar(1000, "epoch 1/3", stream=log, interval=0.0) as bar:
+        bar.set_postfix(loss="0.5000")
+        bar.update(250)
+        bar.update(750)
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 3  # one per update (interval 0), one at the end
+    assert lines[0].startswith("epoch 1/3: 250/1,000 img (25%), ") and " img/s, " in lines[0]
+    assert lines[0].endswith(", loss 0.5000") and lines[1].startswith("epoch 1/3: 1,000/1,000 img (100%), ")
+    assert lines[2].startswith("epoch 1/3: 1,000 img done, ")
+    quiet = io.StringIO()
+    with progress.Bar(10, "validation", stream=quiet) as bar:  # 30 s between lines: only the final one
+        bar.update(10)
+    assert quiet.getvalue().count("\n") == 1
+    terminal = FakeTerminal()
+    with progress.Bar(10, "validation", stream=terminal) as bar:
+        bar.update(10)
+    assert "\r" in terminal.text and "validation" in terminal.text  # a tqdm bar on a terminal
+
+
+def test_the_run_eta_comes_from_the_mean_epoch_time():
+    from imgclf_jax.progress import eta_text
+
+    assert eta_text([30.0, 50.0], 10, early_stopping=False) == "run ETA 7 min (10 epochs left)"  # 40 s x 10
+    assert eta_text([20.0], 2, early_stopping=True) == "run ETA at most 40 s (2 epochs left)"
+    assert eta_text([3600.0], 3, early_stopping=False) == "run ETA 3.0 h (3 epochs left)"
+    assert eta_text([5.0], 1, early_stopping=False) == "run ETA 5 s (1 epoch left)"
+    assert eta_text([5.0], 0, early_stopping=False) == "last epoch"

@@ -143,8 +143,8 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
                   + f", or a smaller {image} (the dense layers grow with it)")
     else:
         fits = int((free - fixed) / (num_members * member.temp / member.batch))
-        advice = (f"reduce train.batch_size (the step's temporaries grow with it: about {fits} images per "
-                  f"device would fit, {member.batch} asked), or {image}, or the model "
+        advice = (f"reduce train.batch_size (the step's temporaries grow with it: about {fits:,} images per "
+                  f"device would fit, {member.batch:,} asked), or {image}, or the model "
                   "(model.conv_filters, model.dense_units)"
                   + (", or ensemble.num_members" if num_members > 1 else ""))
     raise ConfigError(f"{head}; {advice}")

@@ -25,11 +25,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import config as config_lib
-from imgclf_jax import parallel, report, steps
+from imgclf_jax import banner, memory, parallel, report, steps, workdir_lock
+from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.errors import ConfigError, UserError
@@ -60,6 +60,28 @@ RUN_FILES = ("config.json", "history.json", "summary.json", "accuracy.png", "los
 RUN_FILE_PATTERN = re.compile(r"submission_member_\d+\.csv")  # an ensemble's per-member submissions
 
 
+def run_files(workdir: str) -> list[str]:
+    """The names of the run's own files (RUN_FILES, per-member submissions) present in `workdir`, in order."""
+    names = os.listdir(workdir) if os.path.isdir(workdir) else []
+    return ([n for n in RUN_FILES if n in names]
+            + sorted((n for n in names if RUN_FILE_PATTERN.fullmatch(n)), key=lambda n: int(re.sub(r"\D", "", n))))
+
+
+def check_workdir_place(workdir: str, config: ml_collections.ConfigDict) -> None:
+    """Refuses a workdir that is a file or lies inside data.dir (before anything is written there).
+
+    Raises:
+      ConfigError: naming the workdir.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
+    if config.data.dir and os.path.isdir(config.data.dir):
+        data_dir, real = os.path.realpath(config.data.dir), os.path.realpath(workdir)
+        if os.path.commonpath([data_dir, real]) == data_dir:
+            raise ConfigError(f"--workdir '{workdir}' lies inside data.dir ({config.data.dir}); "
+                              "the data folder is never written to")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bool) -> None:
     """Refuses to reuse a workdir that holds a run of another config (unless `overwrite`).
 
@@ -71,13 +93,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
       ConfigError: the workdir's config.json differs in keys other than RESUMABLE_CHANGES,
         or is not a run config, or the workdir is a file, lies inside data.dir or is not writable.
     """
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir '{workdir}' is a file, not a folder")
-    if config.data.dir and os.path.isdir(config.data.dir):
-        data_dir, real = os.path.realpath(config.data.dir), os.path.realpath(workdir)
-        if os.path.commonpath([data_dir, real]) == data_dir:
-            raise ConfigError(f"--workdir '{workdir}' lies inside data.dir ({config.data.dir}); "
-                              "the data folder is never written to")
+    check_workdir_place(workdir, config)
     path = os.path.join(workdir, "config.json")
     old = None
     if os.path.exists(path):
@@ -139,18 +155,24 @@ class Evaluation:
         return np.argmax(self.probabilities, axis=-1)
 
 
-def evaluate(eval_step, params, split: splits.Split, config, mesh) -> Evaluation:
+def evaluate(eval_step, params, split: splits.Split, config, mesh, desc: str = "evaluate") -> Evaluation:
     """Runs `eval_step` over every row of `split` (in order, padded batches masked out).
 
     `eval_step(params, batch)` returns (metric sums, probabilities ``[..., B, C]``);
-    a leading member axis, if any, is kept in the result.
+    a leading member axis, if any, is kept in the result. Progress (images, images/s)
+    goes to stderr as a :class:`imgclf_jax.progress.Bar` named `desc`.
     """
     totals = None
     probabilities = []
-    for batch in pipeline.iterate(pipeline.eval_dataset(split, config), config.data.num_workers):
-        metrics, probs = eval_step(params, parallel.shard_batch(batch, mesh))
-        totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-        probabilities.append(np.asarray(probs)[..., batch["mask"], :])
+    bar = progress_lib.Bar(len(split), desc)
+    try:
+        for batch in pipeline.iterate(pipeline.eval_dataset(split, config), config.data.num_workers):
+            metrics, probs = eval_step(params, parallel.shard_batch(batch, mesh))
+            totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+            probabilities.append(np.asarray(probs)[..., batch["mask"], :])
+            bar.update(int(np.sum(batch["mask"])))
+    finally:
+        bar.close()
     totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}
     count = np.maximum(totals["count"], 1.0)
     loss, accuracy = totals["loss_sum"] / count, totals["correct"] / count
@@ -253,12 +275,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
 
     A config with ``ensemble.num_members > 1`` is an ensemble job
     (:func:`imgclf_jax.ensemble.loop.train_ensemble`).
-    """
-    if config.ensemble.num_members > 1:
-        from imgclf_jax.ensemble.loop import train_ensemble
 
-        return train_ensemble(config, workdir, overwrite)
+    The workdir is locked for the whole call (:mod:`imgclf_jax.workdir_lock`): a second
+    run on it, in this or another process, stops with WorkdirBusy (a ConfigError) before
+    anything in the workdir is touched.
+    """
+    check_workdir_place(workdir, config)
+    with workdir_lock.WorkdirLock(workdir):
+        if config.ensemble.num_members > 1:
+            from imgclf_jax.ensemble.loop import train_ensemble
+
+            return train_ensemble(config, workdir, overwrite)
+        return _train_plain(config, workdir, overwrite)
+
+
+def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
+    """:func:`train_and_evaluate` of a plain (one-member) run, inside the workdir lock."""
     data, model, tx, schedule, mesh = prepare_run(config, workdir, overwrite)
+    memory.check_fits(memory.member_memory(model, tx, config.model.l2, config.data.image_size,
+                                           config.train.batch_size // mesh.size),
+                      1, bool(config.train.early_stopping.monitor), list(mesh.devices.flat),
+                      config.data.image_size)
     rep = parallel.replicated(mesh)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)
@@ -288,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
     else:
         state, progress = make_state(init_key), Progress(data=data.fingerprint)
     num_params = count_params(state.params)
+    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat),
+                              start_text(progress, stopper.stopped, config.train.num_epochs)), flush=True)
 
     def save() -> None:
         progress.early_stopping = stopper.state_dict()
@@ -307,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
                 raise Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
                                   f"checkpoint saved in {workdir}; rerun the same command to resume")
             started = time.perf_counter()
-            val = evaluate(eval_step, state.params, data.validation, config, mesh)
+            val = evaluate(eval_step, state.params, data.validation, config, mesh, desc="validation")
             if not np.isfinite(val.loss):
                 checkpoints.close()
                 raise TrainingError(
@@ -325,7 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
             }
             print(f"epoch {epoch + 1}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds", "learning_rate"))
-                + f", learning_rate {entry['learning_rate']:.3g}, {entry['seconds']:.0f}s")
+                + f", learning_rate {entry['learning_rate']:.3g}, {entry['seconds']:.0f}s; "
+                + progress_lib.eta_text([h["seconds"] for h in progress.history] + [entry["seconds"]],
+                                        config.train.num_epochs - epoch - 1, stopper.restores_best))
             progress.history.append(entry)
             if stopper.update(epoch, entry) and stopper.restores_best:
                 best_params = jax.tree.map(jnp.copy, state.params)
@@ -343,6 +384,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
                      num_params, checkpoints, eval_step, mesh)
     checkpoints.close()
     return summary
+
+
+def start_text(progress: Progress, stopped: bool, num_epochs: int) -> str:
+    """The start banner's last words: a fresh run, a resumed one (where), or a finished one."""
+    if progress.epoch == 0 and progress.batch == 0:
+        return "fresh run"
+    if stopped or progress.epoch >= num_epochs:
+        return f"finished run ({progress.epoch} epochs); writing its reports again"
+    return f"resuming at epoch {progress.epoch + 1}, batch {progress.batch} (from checkpoints/latest)"
 
 
 def _check_finite(metrics, global_step: int, epoch: int, batch: int, workdir: str) -> dict:
@@ -388,9 +438,7 @@ def run_epoch(state, train, run_step, shard, progress: Progress, guard: Interrup
     """
     epoch, first = progress.epoch, progress.batch
     steps_per_epoch = train.steps_per_epoch
-    bar = tqdm(total=train.epoch_size, unit="img", desc=f"epoch {epoch + 1}/{num_epochs}",
-               dynamic_ncols=True, leave=False,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0)  # a log file gets a line per 30 s
+    bar = progress_lib.Bar(train.epoch_size, f"epoch {epoch + 1}/{num_epochs}")  # plain lines if not a tty
     started = time.perf_counter()
     steady_start, steady_images = None, 0
     pending = None  # (batch index, device metrics) of the step before
@@ -399,7 +447,7 @@ def run_epoch(state, train, run_step, shard, progress: Progress, guard: Interrup
         batch_index, device_metrics = item
         postfix = accumulate(device_metrics, epoch * steps_per_epoch + batch_index + 1, batch_index)
         progress.batch = batch_index + 1
-        bar.set_postfix(**postfix, refresh=False)
+        bar.set_postfix(**postfix)
 
     iterator = train.batches(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch)
     try:
@@ -438,13 +486,13 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
         "num_classes": data.num_classes,
         "config": config.to_dict(),
     })
-    val = evaluate(eval_step, params, data.validation, config, mesh)
+    val = evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
     matrix = report.confusion_matrix(data.validation.labels, val.predictions, data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, result weights: accuracy {val.accuracy:.4f}")
-    report.plot_curves(history, workdir)
+    report.plot_curves(history, workdir, best_epoch=history[stopper.best_epoch]["epoch"])
     if data.test is not None:
-        test = evaluate(eval_step, params, data.test, config, mesh)
+        test = evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
                                 test.predictions, data.class_names)
     best = history[stopper.best_epoch]

@@ -103,23 +103,48 @@ def available_bytes(devices) -> tuple[int | None, str]:
     return host // len(devices), f"available host RAM less 1 GiB for the process, / {len(devices)} device(s)"
 
 
-def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices) -> dict:
+def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices,
+               image_size: int | None = None) -> dict:
     """Raises ConfigError when `num_members` members cannot fit; returns the figures otherwise.
 
+    A plain run is ``num_members=1``. `image_size` (pixels) is only quoted in the message.
+
     Raises:
-      ConfigError: the estimate (:func:`ensemble_need_bytes`) exceeds what :func:`available_bytes` reports;
-        the message gives the per-member figures and the largest K that fits.
+      ConfigError: the estimate (:func:`ensemble_need_bytes`) exceeds what :func:`available_bytes` reports.
+        The message gives the figures and what to reduce: the largest K that fits when at least one
+        member does; else the batch size (the step's temporaries grow about linearly with it; the
+        message says about which per-device batch would fit), the image size or the model.
     """
     need = ensemble_need_bytes(member, num_members, keeps_best)
     free, what = available_bytes(devices)
     figures = {"member": member.as_dict(), "num_members": num_members, "need_bytes": need,
                "available_bytes": free, "available": what}
-    if free is not None and need > free:
-        per = ensemble_need_bytes(member, 1, keeps_best)
-        raise ConfigError(
-            f"ensemble.num_members={num_members} needs about {need / GIB:.2f} GiB per device "
-            f"({per / GIB:.2f} GiB per member: params {member.params / GIB:.2f}, optimizer state "
-            f"{member.opt_state / GIB:.2f}, step temporaries at batch {member.batch} {member.temp / GIB:.2f}"
-            f"{', best params copy' if keeps_best else ''}) but only {free / GIB:.2f} GiB is free ({what}); "
-            f"use ensemble.num_members <= {max(free // per, 0)} or a smaller train.batch_size")
-    return figures
+    if free is None or need <= free:
+        return figures
+    per = ensemble_need_bytes(member, 1, keeps_best)
+    parts = (f"params {member.params / GIB:.2f}, optimizer state {member.opt_state / GIB:.2f}, "
+             f"step temporaries at batch {member.batch} per device {member.temp / GIB:.2f}"
+             f"{f', best params copy {member.params / GIB:.2f}' if keeps_best else ''}")
+    if num_members > 1:
+        head = (f"ensemble.num_members={num_members} needs about {need / GIB:.2f} GiB per device "
+                f"({per / GIB:.2f} GiB per member: {parts})")
+    else:
+        head = f"training needs about {need / GIB:.2f} GiB per device ({parts})"
+    head += f" but only {free / GIB:.2f} GiB is free ({what})"
+    if num_members > 1 and free >= per:
+        raise ConfigError(f"{head}; use ensemble.num_members <= {free // per} or a smaller train.batch_size")
+    members = f"{num_members} members' " if num_members > 1 else ""
+    fixed = num_members * (member.params + member.opt_state + (member.params if keeps_best else 0))
+    image = f"data.image_size (now {image_size})" if image_size else "data.image_size"
+    if fixed >= free or not member.temp:
+        advice = (f"the {members}weights and optimizer state alone need {fixed / GIB:.2f} GiB: use a smaller "
+                  "model (model.conv_filters, model.dense_units)"
+                  + (", or fewer ensemble.num_members" if num_members > 1 else "")
+                  + f", or a smaller {image} (the dense layers grow with it)")
+    else:
+        fits = int((free - fixed) / (num_members * member.temp / member.batch))
+        advice = (f"reduce train.batch_size (the step's temporaries grow with it: about {fits:,} images per "
+                  f"device would fit, {member.batch:,} asked), or {image}, or the model "
+                  "(model.conv_filters, model.dense_units)"
+                  + (", or ensemble.num_members" if num_members > 1 else ""))
+    raise ConfigError(f"{head}; {advice}")

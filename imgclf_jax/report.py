@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import textwrap
 
 import numpy as np
 
@@ -47,8 +48,8 @@ def _pyplot():
     return plt
 
 
-def _finish_curve(plt, fig, ax, metric: str, title: str, path: str, title_size="large", **legend) -> None:
-    """Labels a per-epoch curve plot (whole-number epochs), saves it to `path` and closes it."""
+def _label_curve(plt, fig, ax, metric: str, title: str, title_size="large", **legend) -> None:
+    """Labels a per-epoch curve plot (whole-number epochs) and lays it out."""
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
@@ -56,33 +57,60 @@ def _finish_curve(plt, fig, ax, metric: str, title: str, path: str, title_size="
     ax.grid(alpha=0.3)
     ax.legend(**legend)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
-def plot_curves(history: list[dict], workdir: str) -> None:
-    """Writes accuracy.png and loss.png (train vs validation per epoch)."""
+def _save(plt, figures: dict, workdir: str) -> None:
+    for name, fig in figures.items():
+        fig.savefig(os.path.join(workdir, name), dpi=100)
+        plt.close(fig)
+
+
+def curve_figures(history: list[dict], best_epoch: int | None = None) -> dict:
+    """{"accuracy.png": Figure, "loss.png": Figure}: train vs validation per epoch.
+
+    `best_epoch` (1-based; the result's epoch) is marked by a vertical line labelled with its
+    validation figure.
+    """
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
+    figures = {}
     for metric, name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(epochs, [h[f"train_{metric}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{metric}"] for h in history], "o-", label="validation")
-        _finish_curve(plt, fig, ax, metric, f"{metric} per epoch", os.path.join(workdir, name))
+        if best_epoch is not None:
+            value = history[best_epoch - 1][f"val_{metric}"]
+            ax.axvline(best_epoch, color="tab:red", ls=":", lw=1.5,
+                       label=f"best epoch {best_epoch} (val_{metric} {value:.4f})")
+        _label_curve(plt, fig, ax, metric, f"{metric} per epoch")
+        figures[name] = fig
+    return figures
 
 
-def plot_member_curves(history: list[dict], workdir: str) -> None:
-    """An ensemble's accuracy.png and loss.png: every member's train (dashed) and validation (solid) curve.
+def plot_curves(history: list[dict], workdir: str, best_epoch: int | None = None) -> None:
+    """Writes accuracy.png and loss.png (:func:`curve_figures`)."""
+    _save(_pyplot(), curve_figures(history, best_epoch), workdir)
 
-    accuracy.png also shows the majority and soft vote validation accuracies
-    (thick lines). `history` is an ensemble history (member metrics as lists).
+
+def member_curve_figures(history: list[dict], best_epochs: list | None = None,
+                         result_vote: tuple[str, float] | None = None) -> dict:
+    """An ensemble's {"accuracy.png", "loss.png"} figures: every member's train (dashed) and validation
+    (solid) curve, each member's best epoch as a star on its validation curve (`best_epochs`, 1-based,
+    None for a member without one).
+
+    accuracy.png also shows the majority and soft vote validation accuracies per epoch (thick
+    lines) and, when `result_vote` = (what, accuracy) is given, the result's vote as a horizontal
+    line labelled "result: {what} {accuracy}" (what: e.g. "soft vote, members at their own best
+    epochs"). `history` is an ensemble history (member metrics as lists).
     """
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
     k = len(history[0]["val_accuracy"])
     colors = plt.get_cmap("tab10")
+    figures = {}
     for metric, name in (("accuracy", "accuracy.png"), ("loss", "loss.png")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
+        starred = False
         for i in range(k):
             color = colors(i % 10)
             for split, style in (("train", "--"), ("val", "-")):
@@ -90,17 +118,82 @@ def plot_member_curves(history: list[dict], workdir: str) -> None:
                 values = [float("nan") if v is None else v for v in values]
                 ax.plot(epochs, values, style, color=color, alpha=0.8, lw=1,
                         label=f"member {i}" if split == "val" else None)
+            best = best_epochs[i] if best_epochs else None
+            value = history[best - 1][f"val_{metric}"][i] if best else None
+            if value is not None:
+                ax.plot([best], [value], "*", color=color, ms=12, mec="black", mew=0.6, zorder=5)
+                starred = True
+        if starred:  # one legend entry for every member's star
+            ax.plot([], [], "*", color="white", ms=12, mec="black", mew=0.6, label="member's best epoch")
         if metric == "accuracy":
             for rule, color in (("majority", "black"), ("soft", "dimgray")):
                 ax.plot(epochs, [h[f"{rule}_val_accuracy"] for h in history], "o-", color=color, lw=2.5,
                         label=f"{rule} vote (validation)")
-        _finish_curve(plt, fig, ax, metric, f"{metric} per epoch, {k} members (dashed: train, solid: validation)",
-                      os.path.join(workdir, name), title_size=9, fontsize=7, ncol=2)
+            if result_vote is not None:
+                what, value = result_vote
+                ax.axhline(value, color="tab:red", ls=":", lw=1.8, label=f"result: {what} {value:.4f}")
+        _label_curve(plt, fig, ax, metric, f"{metric} per epoch, {k} members (dashed: train, solid: validation)",
+                     title_size=9, fontsize=7, ncol=2)
+        figures[name] = fig
+    return figures
+
+
+def plot_member_curves(history: list[dict], workdir: str, best_epochs: list | None = None,
+                       result_vote: tuple[str, float] | None = None) -> None:
+    """Writes an ensemble's accuracy.png and loss.png (:func:`member_curve_figures`)."""
+    _save(_pyplot(), member_curve_figures(history, best_epochs, result_vote), workdir)
+
+
+def _wrap(name: str, width: int = 14) -> str:
+    lines = textwrap.wrap(str(name), width, break_long_words=True, break_on_hyphens=True)[:3]
+    return "\n".join(lines) or str(name)
+
+
+def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: str):
+    """The confusion matrix drawn for any class count and name length (a matplotlib Figure).
+
+    Cells are about 0.55 inch (smaller from 20 classes on, larger for names of several lines
+    that are slanted); the figure grows with the class
+    count and the longest name, with a minimum size; names are wrapped at 14 characters (3 lines
+    at most); column names are rotated 45 degrees when they would not fit side by side; the title
+    is wrapped to the figure's width.
+    """
+    plt = _pyplot()
+    k = len(class_names)
+    names = [_wrap(n) for n in class_names]
+    longest = max(len(line) for n in names for line in n.split("\n"))
+    tick_size = 8 if k <= 20 else max(4, 8 - (k - 20) // 10)
+    char_in = tick_size * 0.6 / 72  # inches per character, about
+    cell = 0.55 if k <= 20 else max(0.2, 11.0 / k)
+    rotate = longest * char_in > cell * 0.9
+    if rotate:  # slanted names sit side by side at cell * sin(45 deg): room for their lines
+        lines = max(n.count("\n") + 1 for n in names)
+        cell = max(cell, lines * tick_size * 1.25 / 72 / np.sin(np.radians(45)) * 1.1)
+    label_in = longest * char_in + 0.1
+    width = max(4.5, 1.2 + label_in + cell * k)
+    height = max(3.5, 1.4 + (label_in * 0.75 if rotate else 0.3) + cell * k)
+    fig, ax = plt.subplots(figsize=(width, height))
+    ax.imshow(matrix, cmap="Blues")
+    cell_size = min(8, max(4, int(cell * 72 / 3)))
+    for i in range(k):
+        for j in range(k):
+            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
+            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=cell_size)
+    ax.set_xticks(range(k), names, fontsize=tick_size)
+    ax.set_yticks(range(k), names, fontsize=tick_size)
+    if rotate:
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    title_size = 9
+    ax.set_title(textwrap.fill(title, max(20, int(width * 72 / (title_size * 0.6)) - 4)), fontsize=title_size)
+    fig.tight_layout()
+    return fig
 
 
 def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: str, title: str,
                           name: str = "confusion_matrix") -> None:
-    """Writes `name`.json (counts) and `name`.png into the folder `workdir`."""
+    """Writes `name`.json (counts) and `name`.png (:func:`confusion_matrix_figure`) into the folder `workdir`."""
     write_json(os.path.join(workdir, f"{name}.json"), {
         "class_names": class_names,
         "rows": "true class",
@@ -108,19 +201,7 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
         "counts": matrix.tolist(),
     })
     plt = _pyplot()
-    k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k))
-    ax.imshow(matrix, cmap="Blues")
-    for i in range(k):
-        for j in range(k):
-            color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
-    ax.set_xticks(range(k), class_names)
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    fig = confusion_matrix_figure(matrix, class_names, title)
     fig.savefig(os.path.join(workdir, f"{name}.png"), dpi=100)
     plt.close(fig)
 

@@ -32,9 +32,41 @@ imgclf_jax/config.py, base_config; set one with --config.KEY=VALUE):
 
 from __future__ import annotations
 
-import json
+import os
 
 from imgclf_jax import cli
+
+
+def _speed(images_per_s) -> str:
+    return "no steady-state speed (one step per epoch)" if not images_per_s else f"{images_per_s:,.0f}"
+
+
+def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
+    """The run's outcome for people (train's last lines): best epoch, result, speed, the files written.
+
+    `summary` is summary.json's dict (plain or ensemble); `written` the names of the run's files in `workdir`.
+    """
+    minutes = summary["wall_seconds"] / 60
+    if "members" in summary:
+        members = summary["members"]
+        best = ", ".join("-" if m["best_val_accuracy"] is None else f"{m['best_val_accuracy']:.4f} (epoch "
+                         f"{m['best_epoch']})" for m in members)
+        vote = summary["vote"]
+        peak = vote[vote["rule"]].get("per_epoch_best")
+        peak = (f"; the per-epoch {vote['rule']} vote peaked at {peak['val_accuracy']:.4f} (epoch {peak['epoch']})"
+                if peak else "")
+        at = vote.get("result", {}).get("members_at", "their best epochs")
+        first = (f"{summary['num_members']} members, best val_accuracy {best}; result: "
+                 f"{vote['rule']} vote of the members at {at} {summary['result_val_accuracy']:.4f} "
+                 f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f})"
+                 f"{peak}; {_speed(summary['member_images_per_s'])} member img/s; {minutes:.1f} min")
+    else:
+        first = (f"best val_accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} of "
+                 f"{summary['epochs_run']}{' (stopped early)' if summary['stopped_early'] else ''}; result "
+                 f"({summary['result_weights']} weights) val_accuracy {summary['result_val_accuracy']:.4f}; "
+                 f"{_speed(summary['train_images_per_s'])} train img/s; {minutes:.1f} min")
+    shown = ",".join(f"{name}/" if os.path.isdir(os.path.join(workdir, name)) else name for name in written)
+    return [first, f"wrote {os.path.join(workdir, '')}{{{shown}}} (figures: summary.json)"]
 
 
 def main(argv: list[str]) -> int:
@@ -43,7 +75,7 @@ def main(argv: list[str]) -> int:
     from imgclf_jax import loop  # jax is imported only after the command line is known to be good
 
     summary = loop.train_and_evaluate(args.config, args.workdir, overwrite=args.extras["overwrite"])
-    print(json.dumps(summary))
+    print("\n".join(summary_lines(summary, args.workdir, loop.run_files(args.workdir))))
     return 0
 
 

@@ -158,8 +158,8 @@ def test_loop_restores_the_best_epoch_of_a_scripted_validation_loss(tmp_path, mo
     seen = []
     real_evaluate = loop.evaluate
 
-    def fake_evaluate(eval_step, params, split, cfg, mesh):
-        result = real_evaluate(eval_step, params, split, cfg, mesh)
+    def fake_evaluate(eval_step, params, split, cfg, mesh, **kwargs):
+        result = real_evaluate(eval_step, params, split, cfg, mesh, **kwargs)
         seen.append(jax.tree.map(np.asarray, params))
         value = next(scripted, None)
         if value is not None:
@@ -244,4 +244,11 @@ def test_train_cli_end_to_end_writes_every_output(tmp_path):
     assert np.trace(counts) / 360 == pytest.approx(summary["result_val_accuracy"])
     config = json.loads((workdir / "config.json").read_text())
     assert config["train"]["num_epochs"] == 2
-    assert json.loads(done.stdout.strip().splitlines()[-1])["epochs_run"] == 2
+    # The last lines are for people (the JSON is in summary.json): the best epoch, the result, what was written.
+    last, wrote = done.stdout.strip().splitlines()[-2:]
+    assert last.startswith(f"best val_accuracy {summary['best_val_accuracy']:.4f} at epoch "
+                           f"{summary['best_epoch']} of 2; result (last epoch weights) val_accuracy "
+                           f"{summary['result_val_accuracy']:.4f}; "), last
+    assert wrote.startswith(f"wrote {workdir}/{{config.json,history.json,summary.json,")
+    assert "\r" not in done.stdout + done.stderr  # stderr is not a terminal: plain lines, no bars
+    assert "validation: 360 img done" in done.stderr

@@ -28,8 +28,8 @@ import uuid
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tqdm import tqdm
 
+from imgclf_jax import progress
 from imgclf_jax.data import scan as scan_lib
 from imgclf_jax.data.imageio import load_rgb
 from imgclf_jax.errors import ConfigError, DataError
@@ -96,9 +96,9 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, examples: list[scan_lib.Example]):
         workers = min(8, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool, tqdm(
-            total=len(examples), desc=f"preparing {split}", unit="img", leave=False
-        ) as bar:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, progress.Bar(
+            len(examples), f"preparing {split}"
+        ) as bar:  # a tqdm bar on a terminal, plain lines in a log file
             for start in range(0, len(examples), _CHUNK):
                 chunk = examples[start : start + _CHUNK]
                 for offset, pixels in enumerate(pool.map(self._load_checked, chunk)):

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import loop, memory, parallel, report
+from imgclf_jax import banner, loop, memory, parallel, report
+from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import steps as ens_steps
@@ -101,7 +102,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     keeps_best = bool(es.monitor)
     member_mem = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                       config.train.batch_size // mesh.size)
-    mem_figures = memory.check_fits(member_mem, k, keeps_best, list(mesh.devices.flat))
+    mem_figures = memory.check_fits(member_mem, k, keeps_best, list(mesh.devices.flat),
+                                   config.data.image_size)
     mode = resolve_mapping(config.ensemble.mapping)
     shared = config.ensemble.shared_data
     seeds = ens_steps.member_seeds(config.seed, k)
@@ -142,6 +144,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
         stoppers = [EarlyStopping(es.monitor, es.patience) for _ in range(k)]
         nan_steps = [None] * k
     num_params = loop.count_params(state.members.params) // k
+    start = loop.start_text(progress, all(s.stopped for s in stoppers), config.train.num_epochs)
+    print(banner.start_banner(config, workdir, data, num_params, list(mesh.devices.flat), start), flush=True)
 
     def save() -> None:
         progress.early_stopping = {"members": [s.state_dict() for s in stoppers], "nan_steps": nan_steps}
@@ -163,7 +167,7 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
                 raise loop.Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
                                        f"checkpoint saved in {workdir}; rerun the same command to resume")
             started = time.perf_counter()
-            val = loop.evaluate(eval_step, state.members.params, data.validation, config, mesh)
+            val = loop.evaluate(eval_step, state.members.params, data.validation, config, mesh, desc="validation")
             improved = np.zeros(k, bool)
             for i in np.flatnonzero(trained):
                 if not math.isfinite(val.loss[i]):
@@ -197,7 +201,9 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
             }
             print(f"epoch {epoch + 1}: val_accuracy " + " ".join(f"{v:.4f}" for v in entry["val_accuracy"])
                   + f", majority {entry['majority_val_accuracy']:.4f}, soft {entry['soft_val_accuracy']:.4f}, "
-                  f"{int(sum(trained))}/{k} trained, {entry['seconds']:.0f}s")
+                  f"{int(sum(trained))}/{k} trained, {entry['seconds']:.0f}s; "
+                  + progress_lib.eta_text([h["seconds"] for h in progress.history] + [entry["seconds"]],
+                                          config.train.num_epochs - epoch - 1, keeps_best))
             progress.history.append(entry)
             progress.epoch, progress.batch, progress.seconds = epoch + 1, 0, 0.0
             progress.totals = _empty_totals(k)
@@ -218,6 +224,25 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     return summary
 
 
+def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool) -> dict:
+    """summary.json's "vote": the result's votes beside the best per-epoch votes.
+
+    ``vote.<rule>.val_accuracy`` and ``vote.result`` are votes of the result weights (each member at
+    its own best epoch with early stopping, else at the last epoch); ``vote.<rule>.per_epoch_best``
+    is the best vote of all members at the same epoch (history's ``<rule>_val_accuracy``; ties go
+    to the earlier epoch). The two can differ either way: a vote is not bounded by its members.
+    """
+    out = {"rule": rule,
+           "result": {"rule": rule, "val_accuracy": votes[rule],
+                      "members_at": "their own best epochs" if keeps_best else "the last epoch"}}
+    for name in ("majority", "soft"):
+        per_epoch = [h[f"{name}_val_accuracy"] for h in history]
+        best = int(np.argmax(per_epoch))
+        out[name] = {"val_accuracy": votes[name],  # the result weights' vote
+                     "per_epoch_best": {"epoch": history[best]["epoch"], "val_accuracy": per_epoch[best]}}
+    return out
+
+
 def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_params, checkpoints, eval_step,
            mesh, mode, mem_figures) -> dict:
     """Saves the result checkpoint (stacked member params) and writes votes, reports and the summary."""
@@ -229,16 +254,19 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         "num_members": k,
         "config": config.to_dict(),
     })
-    val = loop.evaluate(eval_step, params, data.validation, config, mesh)
+    val = loop.evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
     labels = data.validation.labels
     votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in ("majority", "soft")}
     rule = config.ensemble.vote
     matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
-    report.plot_member_curves(history, workdir)
+    members_at = "their own best epochs" if stoppers[0].restores_best else "the last epoch"
+    report.plot_member_curves(history, workdir,
+                              [history[s.best_epoch]["epoch"] if s.best_epoch >= 0 else None for s in stoppers],
+                              result_vote=(f"{rule} vote, members at {members_at}", votes[rule]))
     if data.test is not None:
-        test = loop.evaluate(eval_step, params, data.test, config, mesh)
+        test = loop.evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
                                 vote(test.probabilities, rule), data.class_names)
         for i in range(k):
@@ -269,8 +297,7 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         "best_metric": stoppers[0].tracked,
         "result_weights": "best epoch" if stoppers[0].restores_best else "last epoch",
         "members": members,
-        "vote": {"majority": {"val_accuracy": votes["majority"]}, "soft": {"val_accuracy": votes["soft"]},
-                 "rule": rule},
+        "vote": _vote_summary(history, votes, rule, stoppers[0].restores_best),
         "result_val_accuracy": votes[rule],
         "mean_member_val_accuracy": float(np.mean(val.accuracy)),
         "train_images_per_s": images_per_s,  # batches of the input stream per second x batch size

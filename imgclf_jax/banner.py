@@ -1,0 +1,60 @@
+"""The paragraph every train run prints first: what it trains on, with what, where, and from which state."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MAX_CLASSES_SHOWN = 20  # more classes: the first ones, then how many more
+
+
+def _model_text(model_config) -> str:
+    m = model_config
+    parts = [f"conv {tuple(m.conv_filters)}"]
+    if m.side_filters:
+        parts.append(f"side branch {m.side_filters} filters")
+    parts.append(f"dense {tuple(m.dense_units)}")
+    return " + ".join(parts)
+
+
+def _rows(name: str, split, sources: dict) -> str:
+    if split is None:
+        return f"{name} none"
+    where = sources.get(name)
+    return f"{name} {len(split):,}" + (f" ({where})" if where else "")
+
+
+def start_banner(config, workdir: str, data, num_params: int, devices: list, start: str) -> str:
+    """The start paragraph (a few lines, no trailing newline).
+
+    Args:
+      config: the run's config; data: the run's :class:`imgclf_jax.data.splits.RunData` (its
+        ``sources`` say where each split came from, when the builder filled them);
+      num_params: parameters of the model (of one member in an ensemble);
+      devices: the mesh's devices; start: "fresh run", "resuming at epoch ..." or the like.
+    """
+    d = config.data
+    path = d.dir or "none (bundled data)"
+    prepared = os.path.join(d.cache_dir, data.fingerprint) if data.fingerprint else d.cache_dir
+    rows = ", ".join(_rows(name, split, data.sources)
+                     for name, split in (("train", data.train), ("validation", data.validation),
+                                         ("test", data.test)))
+    counts = np.bincount(np.asarray(data.train.labels)[np.asarray(data.train.labels) >= 0],
+                         minlength=data.num_classes)
+    shown = [f"{name} {int(n):,}" for name, n in zip(data.class_names, counts)]
+    if len(shown) > MAX_CLASSES_SHOWN:
+        shown = shown[:MAX_CLASSES_SHOWN] + [f"... ({len(shown) - MAX_CLASSES_SHOWN} more)"]
+    k = config.ensemble.num_members
+    members = f" per member, {k} members" if k > 1 else ""
+    per_device = config.train.batch_size // max(len(devices), 1)
+    device_text = ", ".join(str(x) for x in devices[:4]) + (f", ... ({len(devices)})" if len(devices) > 4 else "")
+    return "\n".join([
+        f"train: builder '{d.builder}', data.dir {path}, prepared in {prepared}",
+        f"  rows: {rows}",
+        f"  classes ({data.num_classes}; train rows each): {', '.join(shown)}",
+        f"  images {d.image_size}x{d.image_size} RGB; model {_model_text(config.model)}, {num_params:,} params"
+        f"{members}; batch {config.train.batch_size} on {len(devices)} device(s) ({device_text}; "
+        f"{per_device} each)",
+        f"  workdir {workdir}: {start}",
+    ])

@@ -18,11 +18,14 @@ def _model_text(model_config) -> str:
     return " + ".join(parts)
 
 
-def _rows(name: str, split, sources: dict) -> str:
-    if split is None:
-        return f"{name} none"
-    where = sources.get(name)
-    return f"{name} {len(split):,}" + (f" ({where})" if where else "")
+def _row_lines(data) -> list[str]:
+    """'rows: train 1,437, validation 360, test none', or one line per split saying where its rows came from."""
+    splits = (("train", data.train), ("validation", data.validation), ("test", data.test))
+    if not data.sources:
+        return ["  rows: " + ", ".join(f"{name} {len(split):,}" if split is not None else f"{name} none"
+                                        for name, split in splits)]
+    return [f"  {name}: {data.sources.get(name, f'{len(split):,} rows') if split is not None else 'none'}"
+            for name, split in splits]
 
 
 def start_banner(config, workdir: str, data, num_params: int, devices: list, start: str) -> str:
@@ -37,9 +40,6 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
     d = config.data
     path = d.dir or "none (bundled data)"
     prepared = os.path.join(d.cache_dir, data.fingerprint) if data.fingerprint else d.cache_dir
-    rows = ", ".join(_rows(name, split, data.sources)
-                     for name, split in (("train", data.train), ("validation", data.validation),
-                                         ("test", data.test)))
     counts = np.bincount(np.asarray(data.train.labels)[np.asarray(data.train.labels) >= 0],
                          minlength=data.num_classes)
     shown = [f"{name} {int(n):,}" for name, n in zip(data.class_names, counts)]
@@ -51,7 +51,7 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
     device_text = ", ".join(str(x) for x in devices[:4]) + (f", ... ({len(devices)})" if len(devices) > 4 else "")
     return "\n".join([
         f"train: builder '{d.builder}', data.dir {path}, prepared in {prepared}",
-        f"  rows: {rows}",
+        *_row_lines(data),
         f"  classes ({data.num_classes}; train rows each): {', '.join(shown)}",
         f"  images {d.image_size}x{d.image_size} RGB; model {_model_text(config.model)}, {num_params:,} params"
         f"{members}; batch {config.train.batch_size} on {len(devices)} device(s) ({device_text}; "

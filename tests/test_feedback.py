@@ -155,10 +155,14 @@ def test_every_run_starts_with_the_banner_fresh_then_resumed(tmp_path, capsys):
     loop.train_and_evaluate(c, workdir)
     out = capsys.readouterr().out.splitlines()
     first = next(i for i, line in enumerate(out) if line.startswith("train: "))
-    assert out[first:first + 5] == [
+    assert out[first:first + 7] == [
         f"train: builder 'digits', data.dir none (bundled data), prepared in {tmp_path / 'cache'}/"
         + out[first].rsplit("/", 1)[1],
-        "  rows: train 100, validation 50, test none",
+        "  train: 100 images from scikit-learn's bundled 8x8 digits (the rest held out for validation; "
+        "a class-balanced subset, data.max_train_examples=100)",
+        "  validation: 50 images from scikit-learn's bundled 8x8 digits (20% held out by data.val_fraction=0.2, "
+        "stratified by class, data.split_seed=0; a class-balanced subset, data.max_val_examples=50)",
+        "  test: none",
         # data.max_train_examples=100 is class-balanced: 10 of each digit
         "  classes (10; train rows each): " + ", ".join(f"{i} 10" for i in range(10)),
         "  images 16x16 RGB; model conv (4, 8) + dense (16,), "
@@ -185,20 +189,23 @@ def test_the_banner_says_where_each_split_came_from_and_caps_the_class_list():
     names = [f"class_{i:02d}" for i in range(25)]
     data = RunData(class_names=names, train=split(list(range(25)) * 2 + [3]), validation=split([0, 1]),
                    test=split([-1] * 4), fingerprint="folders-abc",
-                   sources={"train": "train/ (51 images)", "validation": "val/ (2 images)",
-                            "test": "test/ (4 images, unlabeled)"})
+                   sources={"train": "51 images from train/", "validation": "2 images from val/",
+                            "test": "4 images from test/"})
     c = config_lib.base_config()
     c.data.builder, c.data.dir, c.data.cache_dir = "folders", "/data/mine", "/cache"
     c.ensemble.num_members = 3
     text = banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run")
     lines = text.splitlines()
     assert lines[0] == "train: builder 'folders', data.dir /data/mine, prepared in /cache/folders-abc"
-    assert lines[1] == ("  rows: train 51 (train/ (51 images)), validation 2 (val/ (2 images)), "
-                        "test 4 (test/ (4 images, unlabeled))")
-    assert lines[2].startswith("  classes (25; train rows each): class_00 2, class_01 2, class_02 2, class_03 3, ")
-    assert lines[2].endswith("class_19 2, ... (5 more)")
-    assert "1,234 params per member, 3 members; batch 32 on 1 device(s) (cpu:0; 32 each)" in lines[3]
-    assert lines[4] == "  workdir runs/mine: fresh run" and len(lines) == 5
+    assert lines[1:4] == ["  train: 51 images from train/", "  validation: 2 images from val/",
+                          "  test: 4 images from test/"]
+    assert lines[4].startswith("  classes (25; train rows each): class_00 2, class_01 2, class_02 2, class_03 3, ")
+    assert lines[4].endswith("class_19 2, ... (5 more)")
+    assert "1,234 params per member, 3 members; batch 32 on 1 device(s) (cpu:0; 32 each)" in lines[5]
+    assert lines[6] == "  workdir runs/mine: fresh run" and len(lines) == 7
+    data.sources = {}  # a RunData made without them: the counts on one line
+    lines = banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run").splitlines()
+    assert lines[1] == "  rows: train 51, validation 2, test 4" and len(lines) == 5
 
 
 # ----------------------------------------------------------------- figures

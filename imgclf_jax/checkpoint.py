@@ -24,9 +24,12 @@ that fails (a full disk: :class:`DiskFullError`) removes its temporary folder.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
+import time
 from typing import Any
 
 import jax
@@ -54,13 +57,77 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
 
 
-def _remove_temporary(folder: str, name: str) -> None:
-    """Deletes orbax's temporary folders ``<name>.orbax-checkpoint-tmp*`` in `folder`."""
-    if not os.path.isdir(folder):
-        return
-    for entry in os.listdir(folder):
-        if entry.startswith(f"{name}.orbax-checkpoint-tmp"):
+def _remove_temporary(folder: str, name: str, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Deletes orbax's temporary folders ``<name>.orbax-checkpoint-tmp*`` in `folder`.
+
+    After a failed save, tensorstore writes still in flight may recreate parts of
+    the folder for a moment: removal repeats until none has reappeared for
+    `settle_s` seconds (at most `limit_s`).
+    """
+    started = quiet_since = time.monotonic()
+    while os.path.isdir(folder) and time.monotonic() - started < limit_s:
+        found = [e for e in os.listdir(folder) if e.startswith(f"{name}.orbax-checkpoint-tmp")]
+        for entry in found:
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        now = time.monotonic()
+        if found:
+            quiet_since = now
+        elif now - quiet_since >= settle_s:
+            return
+        time.sleep(0.05)
+
+
+class _DiskFullNoise(logging.Filter):
+    """Drops orbax's logged tracebacks of a write that failed on a full disk (the caller reports it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            return not disk.is_disk_full(record.exc_info[1])
+        return not disk.is_disk_full(Exception(text))
+
+
+def _event_loop_closed_filter(previous):
+    """An unraisable hook that drops 'Event loop is closed' errors and passes the rest to `previous`."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _orbax_quiet_on_disk_full():
+    """While saving: orbax's own log lines about a full disk are dropped (a DiskFullError says it).
+
+    When a save fails on a full disk, tensorstore callbacks of writes still in
+    flight hit orbax's closed event loop and print 'Event loop is closed'
+    tracebacks, during the save and for a moment after: those (only those) are
+    dropped, and stay dropped once such a failure happened (the run is ending).
+    """
+    noise = _DiskFullNoise()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(noise)
+        for handler in logger.handlers:
+            handler.addFilter(noise)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _event_loop_closed_filter(previous_hook)
+    full = False
+    try:
+        yield
+    except BaseException as e:
+        full = disk.is_disk_full(e)
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+            for handler in logger.handlers:
+                handler.removeFilter(noise)
+        if not full:
+            sys.unraisablehook = previous_hook
 
 
 class RunCheckpoints:
@@ -105,7 +172,7 @@ class RunCheckpoints:
         """Cleans up after a failed save; returns the error to raise instead (or None: re-raise)."""
         _remove_temporary(folder, name)
         if disk.is_disk_full(exc):
-            return disk.disk_full_error(what, folder, need, advice)
+            return disk.disk_full_error(what, folder, need, advice, elsewhere="use a --workdir on a larger disk")
         return None
 
     def save_latest(self, step: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
@@ -123,8 +190,9 @@ class RunCheckpoints:
         need = (disk.folder_bytes(self.step_dir(previous)) if previous is not None
                 else tree_nbytes(state) + tree_nbytes(best_params))
         try:
-            self._latest.save(step, args=ocp.args.Composite(**items), force=True)
-            self._latest.wait_until_finished()
+            with _orbax_quiet_on_disk_full():
+                self._latest.save(step, args=ocp.args.Composite(**items), force=True)
+                self._latest.wait_until_finished()
             manifest.write(folder)
         except BaseException as e:
             if os.path.isdir(folder) and not manifest.has_manifest(folder):
@@ -193,7 +261,7 @@ class RunCheckpoints:
         if os.path.exists(self.result_dir):
             shutil.rmtree(self.result_dir)
         try:
-            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            with _orbax_quiet_on_disk_full(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
                 checkpointer.save(
                     self.result_dir,
                     args=ocp.args.Composite(params=ocp.args.StandardSave(params),

@@ -59,7 +59,9 @@ def folder_bytes(path: str) -> int:
     return total
 
 
-def disk_full_error(what: str, folder: str, need_bytes: int | None, advice: str) -> DiskFullError:
+def disk_full_error(what: str, folder: str, need_bytes: int | None, advice: str,
+                    elsewhere: str = "choose a folder on a larger disk", free: int | None = None,
+                    need_words: str = "it needs about") -> DiskFullError:
     """The one-line error for a write that ran out of space.
 
     Args:
@@ -67,9 +69,14 @@ def disk_full_error(what: str, folder: str, need_bytes: int | None, advice: str)
       folder: the folder written to (its filesystem's free space is reported).
       need_bytes: the estimated size of what was written, or None if unknown.
       advice: what to do next, e.g. ``"rerun the same command to resume"``.
+      elsewhere: the alternative to freeing space, e.g. ``"use a --workdir on a larger disk"``.
+      free: the free bytes to report when measured before the write began (files still
+        held open by the failed writer keep their space for a moment); None = measure now.
+      need_words: how the need is introduced (``"it needs about"``, ``"it needs up to"``).
     """
-    free = free_bytes(folder)
-    need = f"it needs about {format_bytes(need_bytes)}, " if need_bytes else ""
-    have = f"{format_bytes(free)} is free" if free is not None else "the free space is unknown"
-    return DiskFullError(f"no space left on the disk of '{folder}' while writing {what}: {need}{have} there; "
-                         f"free some space (or choose a folder on a larger disk), then {advice}")
+    when = "was free when it started" if free is not None else "is free"
+    free = free if free is not None else free_bytes(folder)
+    need = f"{need_words} {format_bytes(need_bytes)}, " if need_bytes else ""
+    have = f"{format_bytes(free)} {when}" if free is not None else "the free space is unknown"
+    return DiskFullError(f"no space left on the disk of '{folder}' while writing {what}: {need}{have}; "
+                         f"free some space (or {elsewhere}), then {advice}")

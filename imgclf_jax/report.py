@@ -39,7 +39,8 @@ def _write_atomically(path: str, write, newline=None) -> None:
             os.remove(tmp)
         if isinstance(e, OSError) and disk.is_disk_full(e):
             folder = os.path.dirname(os.path.abspath(path))
-            raise disk.disk_full_error(f"'{path}'", folder, None, "rerun the same command") from None
+            raise disk.disk_full_error(f"'{path}'", folder, None, "rerun the same command",
+                                       elsewhere="write to a folder on a larger disk") from None
         raise
 
 

@@ -196,8 +196,8 @@ def test_a_failed_json_write_leaves_no_tmp_file_and_says_so(tmp_path, monkeypatc
     with pytest.raises(DiskFullError) as info:
         report.write_json(str(tmp_path / "config.json"), {"a": 1})
     assert str(info.value) == (
-        f"no space left on the disk of '{tmp_path}' while writing '{tmp_path}/config.json': 0 B is free there; "
-        "free some space (or choose a folder on a larger disk), then rerun the same command")
+        f"no space left on the disk of '{tmp_path}' while writing '{tmp_path}/config.json': 0 B is free; "
+        "free some space (or write to a folder on a larger disk), then rerun the same command")
     with pytest.raises(DiskFullError):
         report.write_submission(str(tmp_path / "submission.csv"), ["a"], [1])
     assert os.listdir(tmp_path) == []  # neither the file nor its .tmp
@@ -225,7 +225,7 @@ def test_a_checkpoint_save_on_a_full_disk_removes_its_tmp_folder(two_epochs, tmp
         loop.train_and_evaluate(tiny_digits(cache, epochs=3), str(work))
     assert str(info.value) == (
         f"no space left on the disk of '{latest}' while writing checkpoint '{latest}/24': it needs about "
-        f"{disk.format_bytes(need)}, 123.0 KB is free there; free some space (or choose a folder on a larger "
+        f"{disk.format_bytes(need)}, 123.0 KB is free; free some space (or use a --workdir on a larger "
         "disk), then rerun the same command to resume from the last checkpoint")
     assert sorted(os.listdir(latest), key=int) == ["8", "16"]  # no temporary folder; the others intact
     assert manifest.verify(str(latest / "16")) is None
@@ -250,7 +250,10 @@ def test_preparing_the_cache_on_a_full_disk_removes_the_tmp_folder(tmp_path, mon
     message = str(info.value)
     assert message.startswith(f"no space left on the disk of '{cache}' while writing the prepared copy of "
                               f"1797 images ('{cache}/digits-")
-    assert "5.0 MB is free there" in message and "data.cache_dir" in message and "\n" not in message
+    # 1797 digits of 32x32x3 bytes, before zlib; the free space as measured before preparing
+    assert f": it needs up to {disk.format_bytes(1797 * 32 * 32 * 3)}, 5.0 MB was free when it started; " in message
+    assert "(or set data.cache_dir to a folder on a larger disk), then rerun the same command" in message
+    assert "\n" not in message
     assert os.listdir(cache) == []  # the temporary folder is gone
 
 

@@ -260,18 +260,22 @@ def test_preparing_the_cache_on_a_full_disk_removes_the_tmp_folder(tmp_path, mon
 # ----------------------------------------------------------------------------- point 9: a corrupt cache
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "truncated, prepared before manifests"])
 def test_a_corrupt_prepared_cache_stops_before_training_naming_the_folder(two_epochs, tmp_path, damage):
     _, cache = two_epochs
     copy = shutil.copytree(cache, tmp_path / "cache")
     (prepared,) = [p for p in copy.iterdir() if p.is_dir()]
     record = next(prepared.rglob("*.array_record*"))
     garble(record) if damage == "garbage" else truncate(record)
+    if damage.endswith("manifests"):
+        os.remove(prepared / manifest.MANIFEST_NAME)  # checked by reading its first and last records
     c = tiny_digits(copy)
     with pytest.raises(DataError) as info:
         loop.train_and_evaluate(c, str(tmp_path / "run"))
     message = str(info.value)
-    assert message.startswith(f"prepared dataset '{prepared}' is corrupt: file '")
+    problem = "RuntimeError: Invalid Riegeli/records file" if damage.endswith("manifests") else "file '"
+    assert message.startswith(f"prepared dataset '{prepared}' is corrupt: {problem}")
+    assert "\n" not in message
     assert message.endswith("delete that folder to prepare it again (the data folder is untouched)")
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before training
 

@@ -77,14 +77,33 @@ def _remove_temporary(folder: str, name: str, settle_s: float = 0.5, limit_s: fl
         time.sleep(0.05)
 
 
-class _DiskFullNoise(logging.Filter):
-    """Drops orbax's logged tracebacks of a write that failed on a full disk (the caller reports it)."""
+class _OrbaxNoise(logging.Filter):
+    """Drops orbax's log lines about what this module reports itself in one line: a write that
+    failed on a full disk, and an unparsable checkpoint metadata file (a corrupt checkpoint)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and disk.is_disk_full(record.exc_info[1]):
+            return False
         text = record.getMessage()
-        if record.exc_info and record.exc_info[1] is not None:
-            return not disk.is_disk_full(record.exc_info[1])
-        return not disk.is_disk_full(Exception(text))
+        return not (disk.is_disk_full(Exception(text)) or text.startswith("Failed to json parse Metadata file"))
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Within: :class:`_OrbaxNoise` filters the absl and root loggers and their handlers."""
+    noise = _OrbaxNoise()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(noise)
+        for handler in logger.handlers:
+            handler.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+            for handler in logger.handlers:
+                handler.removeFilter(noise)
 
 
 def _event_loop_closed_filter(previous):
@@ -107,25 +126,16 @@ def _orbax_quiet_on_disk_full():
     tracebacks, during the save and for a moment after: those (only those) are
     dropped, and stay dropped once such a failure happened (the run is ending).
     """
-    noise = _DiskFullNoise()
-    loggers = [logging.getLogger("absl"), logging.getLogger()]
-    for logger in loggers:
-        logger.addFilter(noise)
-        for handler in logger.handlers:
-            handler.addFilter(noise)
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _event_loop_closed_filter(previous_hook)
     full = False
     try:
-        yield
+        with _quiet_orbax():
+            yield
     except BaseException as e:
         full = disk.is_disk_full(e)
         raise
     finally:
-        for logger in loggers:
-            logger.removeFilter(noise)
-            for handler in logger.handlers:
-                handler.removeFilter(noise)
         if not full:
             sys.unraisablehook = previous_hook
 
@@ -141,11 +151,12 @@ class RunCheckpoints:
     def _latest(self) -> ocp.CheckpointManager:
         """The manager of checkpoints/latest, made on first use (predicting never creates the folder)."""
         if self._manager is None:
-            self._manager = ocp.CheckpointManager(
-                self.latest_dir,
-                options=ocp.CheckpointManagerOptions(max_to_keep=LATEST_TO_KEEP,
-                                                     enable_async_checkpointing=False),
-            )
+            with _quiet_orbax():  # it reads every step's metadata: a corrupt one is reported on restore
+                self._manager = ocp.CheckpointManager(
+                    self.latest_dir,
+                    options=ocp.CheckpointManagerOptions(max_to_keep=LATEST_TO_KEEP,
+                                                         enable_async_checkpointing=False),
+                )
         return self._manager
 
     @property
@@ -166,7 +177,8 @@ class RunCheckpoints:
         """Optimizer updates done in the latest checkpoint, or None if there is none."""
         if self._manager is None and not os.path.isdir(self.latest_dir):
             return None  # not creating the folder (train.keep_checkpoints='result' removed it)
-        return self._latest.latest_step()
+        with _quiet_orbax():
+            return self._latest.latest_step()
 
     def _save_failed(self, exc: BaseException, folder: str, name: str, what: str, need: int, advice: str):
         """Cleans up after a failed save; returns the error to raise instead (or None: re-raise)."""
@@ -223,14 +235,17 @@ class RunCheckpoints:
           CheckpointError: no kept checkpoint restores; names the newest one's folder and problem.
         """
         failed = []
-        for step in sorted(self._latest.all_steps(), reverse=True):
+        with _quiet_orbax():
+            steps = sorted(self._latest.all_steps(), reverse=True)
+        for step in steps:
             folder = self.step_dir(step)
             problem = None
             if manifest.has_manifest(folder):
                 problem = manifest.verify(folder)
             if problem is None:
                 try:
-                    restored = self._restore_step(step, abstract_state, abstract_best)
+                    with _quiet_orbax():
+                        restored = self._restore_step(step, abstract_state, abstract_best)
                 except UserError:
                     raise
                 except Exception as e:  # orbax/tensorstore/json errors of a damaged folder

@@ -382,11 +382,11 @@ def finished_summary(workdir: str, config, checkpoints: ckpt_lib.RunCheckpoints)
     if stopped or epochs >= config.train.num_epochs:
         checkpoints.close()
         print(f"{workdir} holds a finished run ({epochs} epochs) whose resume checkpoints were removed "
-              "(train.keep_checkpoints='result'); its reports stay as they are")
+              "(by train.keep_checkpoints='result' or by hand); its reports stay as they are")
         return summary
     raise CheckpointError(
         f"the run in '{workdir}' finished after {epochs} epochs and its resume checkpoints were removed "
-        f"(train.keep_checkpoints='result'), so it cannot train to {config.train.num_epochs} epochs; "
+        f"(by train.keep_checkpoints='result' or by hand), so it cannot train to {config.train.num_epochs} epochs; "
         "rerun with --overwrite to train it again from the start")
 
 

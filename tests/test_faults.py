@@ -315,3 +315,15 @@ def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs,
                                               r"--overwrite"):
         loop.train_and_evaluate(tiny_digits(cache, epochs=3, keep_checkpoints="result"), str(work))
     assert os.listdir(work / "checkpoints") == ["result"]  # neither call recreated checkpoints/latest
+
+
+def test_an_ensemble_with_keep_checkpoints_result_keeps_only_the_result(two_epochs, tmp_path, capsys):
+    _, cache = two_epochs
+    c = tiny_digits(cache, epochs=1, keep_checkpoints="result")
+    c.ensemble.num_members = 2
+    summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run" / "checkpoints") == ["result"]
+    assert manifest.verify(str(tmp_path / "run" / "checkpoints" / "result")) is None
+    capsys.readouterr()
+    assert loop.train_and_evaluate(c, str(tmp_path / "run")) == summary
+    assert "holds a finished run (1 epochs) whose resume checkpoints were removed" in capsys.readouterr().out

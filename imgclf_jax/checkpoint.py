@@ -4,23 +4,42 @@ Layout in the workdir::
 
   checkpoints/latest/<updates done>/   state (step, params, opt_state), best params when early
                                       stopping restores them, and JSON loop state (history,
-                                      early stopping); one kept
+                                      early stopping); the two latest are kept, so a corrupt
+                                      newest one falls back to the one before
   checkpoints/result/                 the result params and JSON metadata (class names, ...)
+
+Every checkpoint folder gets a checksum manifest (:mod:`imgclf_jax.manifest`:
+the size and sha256 of each of its files) once orbax has written it; it is
+checked before anything is restored, so truncated files, garbage bytes or a
+deleted sub-folder stop with one line (:class:`CheckpointError`) instead of
+restoring silently or failing deep inside orbax. Checkpoints written before
+manifests existed restore unverified (orbax's own errors still become one line).
 
 Restoring takes an abstract target (``jax.ShapeDtypeStruct`` leaves carrying the
 current shardings), so a checkpoint written with one device count restores
 with another. Saves are synchronous: once ``save_*`` returns, the checkpoint is
-complete on disk (orbax writes to a temporary folder and renames it).
+complete on disk (orbax writes to a temporary folder and renames it). A save
+that fails (a full disk: :class:`DiskFullError`) removes its temporary folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from imgclf_jax import disk, manifest
+from imgclf_jax.errors import CheckpointError, UserError
+
+# Resuming needs one good checkpoint; the one before it is the fallback if the newest is corrupt.
+LATEST_TO_KEEP = 2
 
 
 def abstract_like(tree: Any, sharding) -> Any:
@@ -28,36 +47,176 @@ def abstract_like(tree: Any, sharding) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+def tree_nbytes(tree: Any) -> int:
+    """Bytes of every array leaf of `tree` (its size in a checkpoint, uncompressed)."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype")))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+
+
+def _remove_temporary(folder: str, name: str, settle_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Deletes orbax's temporary folders ``<name>.orbax-checkpoint-tmp*`` in `folder`.
+
+    After a failed save, tensorstore writes still in flight may recreate parts of
+    the folder for a moment: removal repeats until none has reappeared for
+    `settle_s` seconds (at most `limit_s`).
+    """
+    started = quiet_since = time.monotonic()
+    while os.path.isdir(folder) and time.monotonic() - started < limit_s:
+        found = [e for e in os.listdir(folder) if e.startswith(f"{name}.orbax-checkpoint-tmp")]
+        for entry in found:
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+        now = time.monotonic()
+        if found:
+            quiet_since = now
+        elif now - quiet_since >= settle_s:
+            return
+        time.sleep(0.05)
+
+
+class _OrbaxNoise(logging.Filter):
+    """Drops orbax's log lines about what this module reports itself in one line: a write that
+    failed on a full disk, and an unparsable checkpoint metadata file (a corrupt checkpoint)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and disk.is_disk_full(record.exc_info[1]):
+            return False
+        text = record.getMessage()
+        return not (disk.is_disk_full(Exception(text)) or text.startswith("Failed to json parse Metadata file"))
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Within: :class:`_OrbaxNoise` filters the absl and root loggers and their handlers."""
+    noise = _OrbaxNoise()
+    loggers = [logging.getLogger("absl"), logging.getLogger()]
+    for logger in loggers:
+        logger.addFilter(noise)
+        for handler in logger.handlers:
+            handler.addFilter(noise)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+            for handler in logger.handlers:
+                handler.removeFilter(noise)
+
+
+def _event_loop_closed_filter(previous):
+    """An unraisable hook that drops 'Event loop is closed' errors and passes the rest to `previous`."""
+
+    def hook(unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+            return
+        previous(unraisable)
+
+    return hook
+
+
+@contextlib.contextmanager
+def _orbax_quiet_on_disk_full():
+    """While saving: orbax's own log lines about a full disk are dropped (a DiskFullError says it).
+
+    When a save fails on a full disk, tensorstore callbacks of writes still in
+    flight hit orbax's closed event loop and print 'Event loop is closed'
+    tracebacks, during the save and for a moment after: those (only those) are
+    dropped, and stay dropped once such a failure happened (the run is ending).
+    """
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _event_loop_closed_filter(previous_hook)
+    full = False
+    try:
+        with _quiet_orbax():
+            yield
+    except BaseException as e:
+        full = disk.is_disk_full(e)
+        raise
+    finally:
+        if not full:
+            sys.unraisablehook = previous_hook
+
+
 class RunCheckpoints:
     """The checkpoints of one workdir."""
 
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
-        self._latest = ocp.CheckpointManager(
-            os.path.join(self.workdir, "checkpoints", "latest"),
-            options=ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=False),
-        )
+        self._manager = None
+
+    @property
+    def _latest(self) -> ocp.CheckpointManager:
+        """The manager of checkpoints/latest, made on first use (predicting never creates the folder)."""
+        if self._manager is None:
+            with _quiet_orbax():  # it reads every step's metadata: a corrupt one is reported on restore
+                self._manager = ocp.CheckpointManager(
+                    self.latest_dir,
+                    options=ocp.CheckpointManagerOptions(max_to_keep=LATEST_TO_KEEP,
+                                                         enable_async_checkpointing=False),
+                )
+        return self._manager
+
+    @property
+    def latest_dir(self) -> str:
+        """``<workdir>/checkpoints/latest``: one folder per kept checkpoint, named by its step."""
+        return os.path.join(self.workdir, "checkpoints", "latest")
 
     @property
     def result_dir(self) -> str:
         """``<workdir>/checkpoints/result``: the result params and metadata."""
         return os.path.join(self.workdir, "checkpoints", "result")
 
+    def step_dir(self, step: int) -> str:
+        """The folder of the latest-checkpoint of `step`."""
+        return os.path.join(self.latest_dir, str(step))
+
     def latest_step(self) -> int | None:
         """Optimizer updates done in the latest checkpoint, or None if there is none."""
-        return self._latest.latest_step()
+        if self._manager is None and not os.path.isdir(self.latest_dir):
+            return None  # not creating the folder (train.keep_checkpoints='result' removed it)
+        with _quiet_orbax():
+            return self._latest.latest_step()
+
+    def _save_failed(self, exc: BaseException, folder: str, name: str, what: str, need: int, advice: str):
+        """Cleans up after a failed save; returns the error to raise instead (or None: re-raise)."""
+        _remove_temporary(folder, name)
+        if disk.is_disk_full(exc):
+            return disk.disk_full_error(what, folder, need, advice, elsewhere="use a --workdir on a larger disk")
+        return None
 
     def save_latest(self, step: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
-        """Saves the state after `step` updates, replacing the previous checkpoint."""
+        """Saves the state after `step` updates, then its manifest; the oldest beyond LATEST_TO_KEEP goes.
+
+        Raises:
+          DiskFullError: no space left (orbax's temporary folder is removed; the earlier
+            checkpoints stay intact).
+        """
         items = {"state": ocp.args.StandardSave(state), "loop": ocp.args.JsonSave(loop_state)}
         if best_params is not None:
             items["best_params"] = ocp.args.StandardSave(best_params)
-        self._latest.save(step, args=ocp.args.Composite(**items), force=True)
-        self._latest.wait_until_finished()
+        folder = self.step_dir(step)
+        previous = self.latest_step()
+        need = (disk.folder_bytes(self.step_dir(previous)) if previous is not None
+                else tree_nbytes(state) + tree_nbytes(best_params))
+        try:
+            with _orbax_quiet_on_disk_full():
+                self._latest.save(step, args=ocp.args.Composite(**items), force=True)
+                self._latest.wait_until_finished()
+            manifest.write(folder)
+        except BaseException as e:
+            if os.path.isdir(folder) and not manifest.has_manifest(folder):
+                shutil.rmtree(folder, ignore_errors=True)  # complete but unverifiable: not kept
+                self._latest.reload()
+            error = self._save_failed(e, self.latest_dir, str(step), f"checkpoint '{folder}'", need,
+                                      "rerun the same command to resume from the last checkpoint")
+            if error is None:
+                raise
+            raise error from None
 
-    def restore_latest(self, abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any, dict]:
-        """Restores (state, best params or None, loop state) of the latest checkpoint."""
-        step = self._latest.latest_step()
+    def _restore_step(self, step: int, abstract_state: Any, abstract_best: Any | None) -> tuple:
         items = {"state": ocp.args.StandardRestore(abstract_state), "loop": ocp.args.JsonRestore()}
         if abstract_best is not None:
             items["best_params"] = ocp.args.StandardRestore(abstract_best)
@@ -65,42 +224,132 @@ class RunCheckpoints:
         best = restored["best_params"] if abstract_best is not None else None
         return restored["state"], best, restored["loop"]
 
+    def restore_latest(self, abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any, dict]:
+        """Restores (state, best params or None, loop state) of the newest checkpoint that verifies.
+
+        A newest checkpoint that fails its manifest check (or orbax's restore) is
+        reported in one line on stderr and deleted once an older one restores
+        (the run then repeats the steps in between, with identical results).
+
+        Raises:
+          CheckpointError: no kept checkpoint restores; names the newest one's folder and problem.
+        """
+        failed = []
+        with _quiet_orbax():
+            steps = sorted(self._latest.all_steps(), reverse=True)
+        for step in steps:
+            folder = self.step_dir(step)
+            problem = None
+            if manifest.has_manifest(folder):
+                problem = manifest.verify(folder)
+            if problem is None:
+                try:
+                    with _quiet_orbax():
+                        restored = self._restore_step(step, abstract_state, abstract_best)
+                except UserError:
+                    raise
+                except Exception as e:  # orbax/tensorstore/json errors of a damaged folder
+                    problem = f"orbax cannot restore it ({_one_line(e)})"
+            if problem is None:
+                for bad_folder, _ in failed:
+                    shutil.rmtree(bad_folder, ignore_errors=True)
+                if failed:
+                    self._latest.reload()
+                    print(f"warning: checkpoint '{failed[0][0]}' is corrupt ({failed[0][1]}); deleted it and "
+                          f"resuming from the previous checkpoint '{folder}'", file=sys.stderr)
+                return restored
+            failed.append((folder, problem))
+        if not failed:
+            raise CheckpointError(f"no checkpoint in '{self.latest_dir}'")
+        folder, problem = failed[0]
+        earlier = " (and no earlier checkpoint restores)" if len(failed) > 1 else " (there is no earlier one)"
+        raise CheckpointError(
+            f"checkpoint '{folder}' is corrupt: {problem}{earlier}; delete '{self.latest_dir}' to train this "
+            f"run again from the start, or rerun with --overwrite")
+
     def save_result(self, params: Any, metadata: dict) -> None:
-        """Writes the result params and metadata, replacing an earlier result."""
+        """Writes the result params and metadata (and its manifest), replacing an earlier result.
+
+        Raises:
+          DiskFullError: no space left (the partial result folder is removed).
+        """
         if os.path.exists(self.result_dir):
             shutil.rmtree(self.result_dir)
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            checkpointer.save(
-                self.result_dir,
-                args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                        metadata=ocp.args.JsonSave(metadata)),
-            )
+        try:
+            with _orbax_quiet_on_disk_full(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                checkpointer.save(
+                    self.result_dir,
+                    args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                            metadata=ocp.args.JsonSave(metadata)),
+                )
+            manifest.write(self.result_dir)
+        except BaseException as e:
+            if os.path.isdir(self.result_dir) and not manifest.has_manifest(self.result_dir):
+                shutil.rmtree(self.result_dir, ignore_errors=True)
+            parent = os.path.dirname(self.result_dir)
+            error = self._save_failed(e, parent, "result", f"the result checkpoint '{self.result_dir}'",
+                                      tree_nbytes(params), "rerun the same command to write the result")
+            if error is None:
+                raise
+            raise error from None
 
-    def result_metadata(self) -> dict:
-        """The result checkpoint's metadata alone (class names, number of classes, config)."""
+    def _check_result(self) -> None:
         if not os.path.isdir(self.result_dir):
             raise FileNotFoundError(f"no result checkpoint in '{self.result_dir}'")
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(
-                self.result_dir, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-        return restored["metadata"]
+        if manifest.has_manifest(self.result_dir):
+            problem = manifest.verify(self.result_dir)
+            if problem is not None:
+                raise self._result_error(problem)
 
-    def restore_result(self, abstract_params: Any) -> tuple[Any, dict]:
+    def _result_error(self, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"result checkpoint '{self.result_dir}' is corrupt: {problem}; restore that folder from a copy, "
+            f"or train the run again (rerun train with --overwrite)")
+
+    def _restore_result(self, args: dict) -> dict:
+        try:
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                return checkpointer.restore(self.result_dir, args=ocp.args.Composite(**args))
+        except UserError:
+            raise
+        except Exception as e:
+            raise self._result_error(f"orbax cannot restore it ({_one_line(e)})") from None
+
+    def result_metadata(self) -> dict:
+        """The result checkpoint's metadata alone (class names, number of classes, config).
+
+        Verifies the whole result folder against its manifest first.
+
+        Raises:
+          FileNotFoundError: no result checkpoint.
+          CheckpointError: the result checkpoint is corrupt.
+        """
+        self._check_result()
+        return self._restore_result({"metadata": ocp.args.JsonRestore()})["metadata"]
+
+    def restore_result(self, abstract_params: Any, verified: bool = False) -> tuple[Any, dict]:
         """Restores (params, metadata) of the result checkpoint.
+
+        Args:
+          verified: skip the manifest check (it was just done by :meth:`result_metadata`).
 
         Raises:
           FileNotFoundError: the run has no result checkpoint (it has not finished).
+          CheckpointError: the result checkpoint is corrupt.
         """
-        if not os.path.isdir(self.result_dir):
-            raise FileNotFoundError(f"no result checkpoint in '{self.result_dir}'")
-        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-            restored = checkpointer.restore(
-                self.result_dir,
-                args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params),
-                                        metadata=ocp.args.JsonRestore()),
-            )
+        if not verified:
+            self._check_result()
+        restored = self._restore_result({"params": ocp.args.StandardRestore(abstract_params),
+                                         "metadata": ocp.args.JsonRestore()})
         return restored["params"], restored["metadata"]
 
+    def remove_latest(self) -> None:
+        """Deletes checkpoints/latest (train.keep_checkpoints='result', once the run has finished)."""
+        self.close()
+        shutil.rmtree(self.latest_dir, ignore_errors=True)
+
     def close(self) -> None:
-        """Releases the checkpoint manager (call once the run is done)."""
-        self._latest.close()
+        """Releases the checkpoint manager (call once the run is done; a second call does nothing)."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None

@@ -27,6 +27,7 @@ PADDINGS = ("same", "valid")
 OPTIMIZERS = ("keras_adam", "adam", "adamw")
 SCHEDULES = ("constant", "exponential_decay")
 MONITORS = ("", "val_loss", "val_accuracy")
+KEEP_CHECKPOINTS = ("resume", "result")  # train.keep_checkpoints
 MAPPINGS = ("auto", "vmap", "unroll", "map")
 VOTES = ("majority", "soft")
 FAST_PATH_SETTINGS = ("auto", "on", "off")
@@ -100,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.early_stopping = ml_collections.ConfigDict()
     c.train.early_stopping.monitor = ""  # '' = off, 'val_loss' or 'val_accuracy' (Keras EarlyStopping)
     c.train.early_stopping.patience = 0  # epochs without improvement before stopping
+    # 'resume': keep checkpoints/latest (what resuming or training further needs) and checkpoints/result;
+    # 'result': once the run has finished, delete checkpoints/latest and keep only checkpoints/result.
+    c.train.keep_checkpoints = "resume"
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -375,6 +379,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")
+    need(t.keep_checkpoints in KEEP_CHECKPOINTS, "train.keep_checkpoints", f"one of {KEEP_CHECKPOINTS}")
     e = config.ensemble
     need(e.num_members >= 1, "ensemble.num_members", ">= 1 (1 = a plain run)")
     need(config.seed + e.num_members <= 2**32, "ensemble.num_members", "such that seed + num_members <= 2**32")

@@ -23,3 +23,15 @@ class DataError(UserError):
     """Bad or missing data: a missing folder or file, a malformed CSV, an unreadable image."""
 
     exit_code = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be restored: files missing, truncated or changed since they were written."""
+
+    exit_code = 1
+
+
+class DiskFullError(UserError):
+    """A write failed because its filesystem is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
+
+    exit_code = 1

@@ -32,12 +32,12 @@ from imgclf_jax import banner, memory, parallel, report, steps, workdir_lock
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.early_stopping import EarlyStopping
-from imgclf_jax.errors import ConfigError, UserError
+from imgclf_jax.errors import CheckpointError, ConfigError, UserError
 from imgclf_jax.models import create_model, layer_specs
 from imgclf_jax.optim import create_optimizer
 
 # Keys that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path")
+RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints")
 
 
 class TrainingError(UserError):
@@ -318,10 +318,8 @@ def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
                 f"the data changed since the run in '{workdir}' started ({progress.data} -> "
                 f"{data.fingerprint}); use another --workdir, or --overwrite to start again")
         stopper = EarlyStopping.from_state_dict(progress.early_stopping)
-        if stopper.stopped or progress.epoch >= config.train.num_epochs:
-            print(f"{workdir} holds a finished run ({progress.epoch} epochs); writing its reports again")
-        else:
-            print(f"resuming {workdir} at epoch {progress.epoch + 1}, batch {progress.batch}")
+    elif (done := finished_summary(workdir, config, checkpoints)) is not None:
+        return done
     else:
         state, progress = make_state(init_key), Progress(data=data.fingerprint)
     num_params = count_params(state.params)
@@ -382,7 +380,7 @@ def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: boo
     result_params = best_params if (stopper.restores_best and best_params is not None) else state.params
     summary = finish(config, workdir, data, result_params, progress.history, stopper, progress.timing,
                      num_params, checkpoints, eval_step, mesh)
-    checkpoints.close()
+    keep_checkpoints(config, checkpoints)
     return summary
 
 
@@ -393,6 +391,49 @@ def start_text(progress: Progress, stopped: bool, num_epochs: int) -> str:
     if stopped or progress.epoch >= num_epochs:
         return f"finished run ({progress.epoch} epochs); writing its reports again"
     return f"resuming at epoch {progress.epoch + 1}, batch {progress.batch} (from checkpoints/latest)"
+
+
+def keep_checkpoints(config, checkpoints: ckpt_lib.RunCheckpoints) -> None:
+    """Once a run has finished: deletes checkpoints/latest if ``train.keep_checkpoints == 'result'``."""
+    if config.train.keep_checkpoints == "result":
+        checkpoints.remove_latest()
+        print(f"train.keep_checkpoints='result': removed {checkpoints.latest_dir} (kept {checkpoints.result_dir})")
+    checkpoints.close()
+
+
+def finished_summary(workdir: str, config, checkpoints: ckpt_lib.RunCheckpoints) -> dict | None:
+    """The summary of a finished run whose checkpoints/latest was removed (train.keep_checkpoints='result').
+
+    Returns None when the workdir holds no such run (no result checkpoint or no summary.json):
+    training starts afresh.
+
+    Raises:
+      CheckpointError: the finished run is asked to train further (more ``train.num_epochs``
+        than it ran, and it did not stop early): without checkpoints/latest it cannot.
+    """
+    path = os.path.join(workdir, "summary.json")
+    if not (os.path.isdir(checkpoints.result_dir) and os.path.isfile(path)):
+        return None
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+        epochs = int(summary["epochs_run"])
+        if "members" in summary:
+            stopped = all(m["stopped_early"] or m["nan_step"] is not None for m in summary["members"])
+        else:
+            stopped = bool(summary["stopped_early"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"'{path}' is unreadable ({e}) and '{checkpoints.latest_dir}' is gone; "
+                              "rerun with --overwrite to train the run again") from None
+    if stopped or epochs >= config.train.num_epochs:
+        checkpoints.close()
+        print(f"{workdir} holds a finished run ({epochs} epochs) whose resume checkpoints were removed "
+              "(by train.keep_checkpoints='result' or by hand); its reports stay as they are")
+        return summary
+    raise CheckpointError(
+        f"the run in '{workdir}' finished after {epochs} epochs and its resume checkpoints were removed "
+        f"(by train.keep_checkpoints='result' or by hand), so it cannot train to {config.train.num_epochs} epochs; "
+        "rerun with --overwrite to train it again from the start")
 
 
 def _check_finite(metrics, global_step: int, epoch: int, batch: int, workdir: str) -> dict:

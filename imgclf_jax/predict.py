@@ -210,6 +210,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
 
     Raises:
       ConfigError: `workdir` holds no finished run (no config.json or result checkpoint).
+      CheckpointError: the result checkpoint is corrupt (fails its checksums or orbax's restore).
     """
     import jax
     import ml_collections
@@ -235,7 +236,8 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
         abstract = jax.eval_shape(init, jax.random.key(0))
     else:  # an ensemble's result: every leaf stacked on a leading member axis
         abstract = jax.eval_shape(jax.vmap(init), jax.random.split(jax.random.key(0), num_members))
-    params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)))
+    params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)),
+                                           verified=True)  # result_metadata verified the folder
     checkpoints.close()
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))

@@ -8,7 +8,8 @@
   class name ('0'..'4' for the competition, the folder name for class folders).
 
 JSON files are written to a temporary name and renamed, so a reader (or a
-killed run) never sees half a file.
+killed run) never sees half a file; a failed write removes its temporary file
+(a full disk raises :class:`imgclf_jax.errors.DiskFullError`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,35 @@ import textwrap
 
 import numpy as np
 
+from imgclf_jax import disk
 from imgclf_jax.errors import ConfigError
 
 
-def write_json(path: str, value) -> None:
-    """Writes `value` as indented JSON, atomically."""
+def _write_atomically(path: str, write, newline=None) -> None:
+    """Calls `write(file)` on ``<path>.tmp``, then renames it to `path`; removes the .tmp if anything fails.
+
+    Raises:
+      DiskFullError: the filesystem is full or the quota spent (ENOSPC / EDQUOT).
+    """
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline=newline) as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and disk.is_disk_full(e):
+            folder = os.path.dirname(os.path.abspath(path))
+            raise disk.disk_full_error(f"'{path}'", folder, None, "rerun the same command",
+                                       elsewhere="write to a folder on a larger disk") from None
+        raise
+
+
+def write_json(path: str, value) -> None:
+    """Writes `value` as indented JSON, atomically (see :func:`_write_atomically`)."""
+    text = json.dumps(value, indent=2) + "\n"
+    _write_atomically(path, lambda f: f.write(text))
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -219,6 +239,7 @@ def write_submission(path: str, image_ids: list[str], predictions, class_names: 
     Raises:
       ConfigError: `path` is a folder.
       ValueError: a prediction outside 0..K-1 (a bug, not a user error).
+      DiskFullError: no space left (no partial file is left).
     """
     if os.path.isdir(path):
         raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
@@ -228,10 +249,11 @@ def write_submission(path: str, image_ids: list[str], predictions, class_names: 
     if len(predictions) and (predictions.min() < 0 or predictions.max() >= len(class_names)):
         raise ValueError(f"predictions outside 0..{len(class_names) - 1}: {predictions.min()}..{predictions.max()}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
+
+    def write(f) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_id", "label"])
         for image_id, label in zip(image_ids, predictions):
             writer.writerow([image_id, class_names[label]])
-    os.replace(tmp, path)
+
+    _write_atomically(path, write, newline="")

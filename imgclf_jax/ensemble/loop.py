@@ -133,10 +133,8 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
                 f"{data.fingerprint}); use another --workdir, or --overwrite to start again")
         stoppers = [EarlyStopping.from_state_dict(d) for d in progress.early_stopping["members"]]
         nan_steps = list(progress.early_stopping["nan_steps"])
-        if all(s.stopped for s in stoppers) or progress.epoch >= config.train.num_epochs:
-            print(f"{workdir} holds a finished run ({progress.epoch} epochs); writing its reports again")
-        else:
-            print(f"resuming {workdir} at epoch {progress.epoch + 1}, batch {progress.batch}")
+    elif (done := loop.finished_summary(workdir, config, checkpoints)) is not None:
+        return done
     else:
         state = make_state(init_keys)
         best_params = jax.tree.map(jnp.copy, state.members.params) if keeps_best else None
@@ -217,7 +215,7 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     result_params = best_params if keeps_best else state.members.params
     summary = finish(config, workdir, data, result_params, progress, stoppers, nan_steps, num_params,
                      checkpoints, eval_step, mesh, mode, mem_figures)
-    checkpoints.close()
+    loop.keep_checkpoints(config, checkpoints)
     if all(step is not None for step in nan_steps):
         raise loop.TrainingError(f"every member's training loss became non-finite (at steps {nan_steps}); "
                                  f"their last good weights and the reports are in {workdir}")

@@ -241,19 +241,28 @@ def write_submission(path: str, image_ids: list[str], predictions, class_names: 
       ValueError: a prediction outside 0..K-1 (a bug, not a user error).
       DiskFullError: no space left (no partial file is left).
     """
-    if os.path.isdir(path):
-        raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
     predictions = np.asarray(predictions, dtype=np.int64).reshape(-1)
     if len(predictions) != len(image_ids):
         raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids")
     if len(predictions) and (predictions.min() < 0 or predictions.max() >= len(class_names)):
         raise ValueError(f"predictions outside 0..{len(class_names) - 1}: {predictions.min()}..{predictions.max()}")
+    write_labels(path, image_ids, [class_names[label] for label in predictions])
+
+
+def write_labels(path: str, image_ids: list[str], labels: list[str]) -> None:
+    """Writes ``image_id,label`` rows with text labels (class names), atomically; creates the parent folder.
+
+    Raises:
+      ConfigError: `path` is a folder.
+      DiskFullError: no space left (no partial file is left).
+    """
+    if os.path.isdir(path):
+        raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(f) -> None:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(["image_id", "label"])
-        for image_id, label in zip(image_ids, predictions):
-            writer.writerow([image_id, class_names[label]])
+        writer.writerows(zip(image_ids, labels))
 
     _write_atomically(path, write, newline="")

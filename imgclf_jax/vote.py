@@ -16,10 +16,8 @@ command line wins, so list the files best first.
 from __future__ import annotations
 
 import collections
-import csv
-import os
 
-from imgclf_jax import cli
+from imgclf_jax import cli, report
 from imgclf_jax.data.scan import read_csv
 from imgclf_jax.errors import ConfigError, DataError
 
@@ -36,23 +34,6 @@ def read_submission(path: str) -> dict[str, str]:
             raise DataError(f"CSV file '{path}' line {line}: empty label for id '{image_id}'")
         labels[image_id] = text
     return labels
-
-
-def write_labels(path: str, image_ids: list[str], labels: list[str]) -> None:
-    """Writes ``image_id,label`` rows with text labels, atomically (a temporary file renamed).
-
-    Raises:
-      ConfigError: `path` is a folder.
-    """
-    if os.path.isdir(path):
-        raise ConfigError(f"--out '{path}' is a folder; give a file name such as {path}/merged.csv")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_id", "label"])
-        writer.writerows(zip(image_ids, labels))
-    os.replace(tmp, path)
 
 
 def majority_vote(votes: list[dict]) -> dict:
@@ -102,7 +83,7 @@ def main(argv: list[str]) -> int:
                 f"{' (e.g. ' + extra[0] + ')' if extra else ''}"
             )
     merged = majority_vote(votes)
-    write_labels(out, list(merged), list(merged.values()))
+    report.write_labels(out, list(merged), list(merged.values()))
     print(f"wrote {out}: {len(merged)} ids, majority of {len(files)} files")
     return 0
 

@@ -531,7 +531,7 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
     matrix = report.confusion_matrix(data.validation.labels, val.predictions, data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, result weights: accuracy {val.accuracy:.4f}")
-    report.plot_curves(history, workdir, best_epoch=history[stopper.best_epoch]["epoch"])
+    report.plot_curves(history, workdir, best_epoch=history[stopper.best_epoch]["epoch"], monitor=stopper.tracked)
     if data.test is not None:
         test = evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,

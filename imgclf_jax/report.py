@@ -85,11 +85,11 @@ def _save(plt, figures: dict, workdir: str) -> None:
         plt.close(fig)
 
 
-def curve_figures(history: list[dict], best_epoch: int | None = None) -> dict:
+def curve_figures(history: list[dict], best_epoch: int | None = None, monitor: str = "") -> dict:
     """{"accuracy.png": Figure, "loss.png": Figure}: train vs validation per epoch.
 
-    `best_epoch` (1-based; the result's epoch) is marked by a vertical line labelled with its
-    validation figure.
+    `best_epoch` (1-based; the early-stopping monitor's best epoch) is marked by a vertical line
+    labelled with the monitor that chose it (e.g. 'val_loss') and the plot's validation figure there.
     """
     plt = _pyplot()
     epochs = [h["epoch"] for h in history]
@@ -101,15 +101,16 @@ def curve_figures(history: list[dict], best_epoch: int | None = None) -> dict:
         if best_epoch is not None:
             value = history[best_epoch - 1][f"val_{metric}"]
             ax.axvline(best_epoch, color="tab:red", ls=":", lw=1.5,
-                       label=f"best epoch {best_epoch} (val_{metric} {value:.4f})")
+                       label=f"best epoch {best_epoch}" + (f" by {monitor}" if monitor else "")
+                       + f" (val_{metric} {value:.4f})")
         _label_curve(plt, fig, ax, metric, f"{metric} per epoch")
         figures[name] = fig
     return figures
 
 
-def plot_curves(history: list[dict], workdir: str, best_epoch: int | None = None) -> None:
+def plot_curves(history: list[dict], workdir: str, best_epoch: int | None = None, monitor: str = "") -> None:
     """Writes accuracy.png and loss.png (:func:`curve_figures`)."""
-    _save(_pyplot(), curve_figures(history, best_epoch), workdir)
+    _save(_pyplot(), curve_figures(history, best_epoch, monitor), workdir)
 
 
 def member_curve_figures(history: list[dict], best_epochs: list | None = None,

@@ -276,6 +276,11 @@ def test_curves_mark_the_best_epoch():
     import matplotlib.pyplot as plt
     for fig in figures.values():
         plt.close(fig)
+    # With early stopping on val_loss, the label names the monitor that chose the epoch.
+    figures = report.curve_figures(history, best_epoch=2, monitor="val_loss")
+    _line(figures["accuracy.png"].axes[0], "best epoch 2 by val_loss (val_accuracy 0.8000)")
+    for fig in figures.values():
+        plt.close(fig)
 
 
 def test_an_ensemble_shows_its_result_vote_beside_the_per_epoch_votes(tmp_path, capsys):

@@ -242,14 +242,15 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
     if num_members == 1:
-        evaluation = loop.evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh)
+        evaluation = loop.evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh,
+                                   desc="predict")
         return evaluation.probabilities, evaluation.predictions
     from imgclf_jax.ensemble import mapping, steps as ens_steps
     from imgclf_jax.ensemble.voting import vote
 
     mode = mapping.resolve_mapping(config.ensemble.mapping)
     eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
-    probabilities = loop.evaluate(eval_step, params, split, config, mesh).probabilities
+    probabilities = loop.evaluate(eval_step, params, split, config, mesh, desc="predict").probabilities
     return probabilities, vote(probabilities, config.ensemble.vote)
 
 

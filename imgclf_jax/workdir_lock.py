@@ -38,10 +38,12 @@ class WorkdirLock:
         self.workdir = workdir
         self.path = os.path.join(workdir, LOCK_NAME)
         self._fd: int | None = None
+        self._created = False  # the lock made the workdir: an empty one is removed on release
 
     def acquire(self) -> None:
         """Takes the lock (non-blocking); see the class docstring for what it raises."""
         try:
+            self._created = not os.path.isdir(self.workdir)
             os.makedirs(self.workdir, exist_ok=True)
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -70,7 +72,11 @@ class WorkdirLock:
         self._fd = fd
 
     def release(self) -> None:
-        """Removes the lock file and drops the lock (a no-op when not held)."""
+        """Removes the lock file and drops the lock (a no-op when not held).
+
+        A workdir that the lock created and that is still empty (the run stopped before writing
+        anything, e.g. on a data error) is removed too, so a failed start leaves no trace.
+        """
         if self._fd is None:
             return
         try:
@@ -79,6 +85,11 @@ class WorkdirLock:
             pass  # the workdir went away or is read-only now: closing still drops the lock
         os.close(self._fd)
         self._fd = None
+        if self._created:
+            try:
+                os.rmdir(self.workdir)  # only if empty
+            except OSError:
+                pass
 
     def __enter__(self) -> "WorkdirLock":
         self.acquire()

@@ -68,6 +68,7 @@ def test_a_lock_held_by_a_killed_process_is_free_again(tmp_path):
 
 def test_train_cli_refuses_a_locked_workdir_with_one_line(tmp_path):
     workdir = tmp_path / "run"
+    workdir.mkdir()  # there before the lock: it stays
     with workdir_lock.WorkdirLock(str(workdir)):
         done = subprocess.run(
             [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py",
@@ -78,6 +79,17 @@ def test_train_cli_refuses_a_locked_workdir_with_one_line(tmp_path):
     assert lines[0] == (f"imgclf_jax.train: error: workdir '{workdir}' is in use by another train process "
                         f"(pid {os.getpid()}); wait for it to finish or stop it, or use another --workdir")
     assert sorted(p.name for p in workdir.iterdir()) == []  # --overwrite removed nothing; lock file gone
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_workdir(tmp_path):
+    workdir = tmp_path / "runs" / "ml1"
+    missing = tmp_path / "no_such_data"
+    done = subprocess.run(
+        [sys.executable, "-m", "imgclf_jax.train", "--config", "configs/ml1.py", f"--config.data.dir={missing}",
+         f"--config.data.cache_dir={tmp_path / 'cache'}", "--workdir", str(workdir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and f"data folder '{missing}' not found" in done.stderr, done.stderr[-2000:]
+    assert not workdir.exists() and (tmp_path / "runs").is_dir()  # only the folder the lock made is gone
 
 
 # ----------------------------------------------------------------- memory check

@@ -200,7 +200,7 @@ def test_a_failed_json_write_leaves_no_tmp_file_and_says_so(tmp_path, monkeypatc
         f"no space left on the disk of '{tmp_path}' while writing '{tmp_path}/config.json': 0 B is free; "
         "free some space (or write to a folder on a larger disk), then rerun the same command")
     with pytest.raises(DiskFullError):
-        report.write_submission(str(tmp_path / "submission.csv"), ["a"], [1])
+        report.write_submission(str(tmp_path / "submission.csv"), ["a"], [1], ["cat", "dog"])
     assert os.listdir(tmp_path) == []  # neither the file nor its .tmp
 
 

@@ -244,18 +244,28 @@ class InterruptGuard:
 
 def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> tuple:
     """What every training job does first: checks the workdir and the model's fit, loads the data,
-    writes config.json, builds the model, the optimizer and the device mesh.
+    builds the model, the optimizer and the device mesh, checks the memory of
+    ``ensemble.num_members`` members (1 for a plain run), then writes config.json.
+
+    config.json is written last, so a run refused by any of these checks leaves
+    nothing behind that would make the corrected command look like "another config".
 
     Returns:
-      (data: splits.RunData, model, tx, learning-rate schedule, mesh).
+      (data: splits.RunData, model, tx, learning-rate schedule, mesh, memory figures of
+      :func:`imgclf_jax.memory.check_fits`).
     """
     check_workdir(workdir, config, overwrite)
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
     data = splits.load_run_data(config.data)
-    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     model = create_model(config.model, data.num_classes)
     tx, schedule = create_optimizer(config.optimizer)
-    return data, model, tx, schedule, parallel.make_mesh(config.train.batch_size)
+    mesh = parallel.make_mesh(config.train.batch_size)
+    member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
+                                  config.train.batch_size // mesh.size)
+    figures = memory.check_fits(member, config.ensemble.num_members, bool(config.train.early_stopping.monitor),
+                                list(mesh.devices.flat), config.data.image_size)
+    report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    return data, model, tx, schedule, mesh, figures
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:
@@ -291,11 +301,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
 
 def _train_plain(config: ml_collections.ConfigDict, workdir: str, overwrite: bool) -> dict:
     """:func:`train_and_evaluate` of a plain (one-member) run, inside the workdir lock."""
-    data, model, tx, schedule, mesh = prepare_run(config, workdir, overwrite)
-    memory.check_fits(memory.member_memory(model, tx, config.model.l2, config.data.image_size,
-                                           config.train.batch_size // mesh.size),
-                      1, bool(config.train.early_stopping.monitor), list(mesh.devices.flat),
-                      config.data.image_size)
+    data, model, tx, schedule, mesh, _ = prepare_run(config, workdir, overwrite)
     rep = parallel.replicated(mesh)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)

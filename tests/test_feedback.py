@@ -129,7 +129,9 @@ def test_a_plain_run_that_does_not_fit_stops_before_training_saying_what_to_redu
     assert f"reduce train.batch_size (the step's temporaries grow with it: about {fits} images per device " \
            "would fit, 16 asked), or data.image_size (now 16), or the model" in message
     assert "num_members" not in message and "\n" not in message
-    assert not (tmp_path / "small" / "checkpoints").exists()
+    # Refused before config.json (nothing left, not even the workdir): the corrected command is not
+    # refused as "another config".
+    assert not (tmp_path / "small").exists()
     # Not even the weights fit: the model (or the image size) must shrink.
     fake_free(monkeypatch, m.params)
     with pytest.raises(ConfigError, match=r"the weights and optimizer state alone need .* use a smaller model"):

@@ -96,14 +96,10 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
       TrainingError: every member was frozen by a non-finite loss (raised after the reports are written).
     """
     k = config.ensemble.num_members
-    data, model, tx, schedule, mesh = loop.prepare_run(config, workdir, overwrite)
+    data, model, tx, schedule, mesh, mem_figures = loop.prepare_run(config, workdir, overwrite)
     rep = parallel.replicated(mesh)
     es = config.train.early_stopping
     keeps_best = bool(es.monitor)
-    member_mem = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
-                                      config.train.batch_size // mesh.size)
-    mem_figures = memory.check_fits(member_mem, k, keeps_best, list(mesh.devices.flat),
-                                   config.data.image_size)
     mode = resolve_mapping(config.ensemble.mapping)
     shared = config.ensemble.shared_data
     seeds = ens_steps.member_seeds(config.seed, k)

@@ -538,10 +538,12 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, result weights: accuracy {val.accuracy:.4f}")
     report.plot_curves(history, workdir, best_epoch=history[stopper.best_epoch]["epoch"], monitor=stopper.tracked)
+    test_accuracy = None
     if data.test is not None:
         test = evaluate(eval_step, params, data.test, config, mesh, desc="test")
         report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
                                 test.predictions, data.class_names)
+        test_accuracy = labelled_accuracy(data.test.labels, test.predictions)
     best = history[stopper.best_epoch]
     summary = {
         "num_params": num_params,
@@ -563,5 +565,16 @@ def finish(config, workdir, data, params, history, stopper, timing, num_params, 
         "num_train_examples": len(data.train),
         "num_val_examples": len(data.validation),
     }
+    if test_accuracy is not None:  # a labelled test split (folders test/<class>/, test.csv with labels)
+        summary.update(test_accuracy=test_accuracy, num_test_examples=len(data.test))
     report.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def labelled_accuracy(labels: np.ndarray, predictions: np.ndarray) -> float | None:
+    """Top-1 accuracy of `predictions` (int[N]) against `labels` (int64[N]); None when the split is
+    unlabeled (any label -1)."""
+    labels = np.asarray(labels)
+    if len(labels) == 0 or (labels < 0).any():
+        return None
+    return float(np.mean(np.asarray(predictions) == labels))

@@ -166,8 +166,13 @@ def plot_member_curves(history: list[dict], workdir: str, best_epochs: list | No
 
 
 def _wrap(name: str, width: int = 14) -> str:
-    lines = textwrap.wrap(str(name), width, break_long_words=True, break_on_hyphens=True)[:3]
-    return "\n".join(lines) or str(name)
+    """`name` in lines of `width` characters, at most 3: a longer name keeps its start and its end
+    (names often differ only at the end: 'photos_2024_cat', 'photos_2024_dog'), the cut marked '…'."""
+    name = str(name)
+    lines = textwrap.wrap(name, width, break_long_words=True, break_on_hyphens=True)
+    if len(lines) > 3:
+        lines = [lines[0], lines[1][:width - 1] + "…", "…" + name[-(width - 1):]]
+    return "\n".join(lines) or name
 
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str], title: str):

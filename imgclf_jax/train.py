@@ -37,8 +37,9 @@ import os
 from imgclf_jax import cli
 
 
-def _speed(images_per_s) -> str:
-    return "no steady-state speed (one step per epoch)" if not images_per_s else f"{images_per_s:,.0f}"
+def _speed(images_per_s, what: str) -> str:
+    return (f"{images_per_s:,.0f} {what} img/s" if images_per_s
+            else "speed not measured (one step per epoch: compilation only)")
 
 
 def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
@@ -59,12 +60,14 @@ def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
         first = (f"{summary['num_members']} members, best val_accuracy {best}; result: "
                  f"{vote['rule']} vote of the members at {at} {summary['result_val_accuracy']:.4f} "
                  f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f})"
-                 f"{peak}; {_speed(summary['member_images_per_s'])} member img/s; {minutes:.1f} min")
+                 f"{peak}; {_speed(summary['member_images_per_s'], 'member')}; {minutes:.1f} min")
     else:
         first = (f"best val_accuracy {summary['best_val_accuracy']:.4f} at epoch {summary['best_epoch']} of "
                  f"{summary['epochs_run']}{' (stopped early)' if summary['stopped_early'] else ''}; result "
                  f"({summary['result_weights']} weights) val_accuracy {summary['result_val_accuracy']:.4f}; "
-                 f"{_speed(summary['train_images_per_s'])} train img/s; {minutes:.1f} min")
+                 f"{_speed(summary['train_images_per_s'], 'train')}; {minutes:.1f} min")
+    if summary.get("test_accuracy") is not None:  # a labelled test split (scored with the result weights)
+        first += f"; test accuracy {summary['test_accuracy']:.4f} ({summary['num_test_examples']:,} images)"
     shown = ",".join(f"{name}/" if os.path.isdir(os.path.join(workdir, name)) else name for name in written)
     return [first, f"wrote {os.path.join(workdir, '')}{{{shown}}} (figures: summary.json)"]
 

@@ -203,3 +203,81 @@ def test_competition_builder_on_a_class_tree_points_to_folders(tmp_path, cache_d
     (broken / "train.csv").unlink()
     with pytest.raises(DataError, match=r"CSV file '.*train.csv' not found$"):
         builders.prepare("competition", str(broken), cache_dir)
+
+
+# ----------------------------------------------------------------------------- found by a tester
+
+
+def test_one_class_is_refused(tmp_path, cache_dir):
+    tree(tmp_path / "one" / "train", {"a": 3})
+    with pytest.raises(DataError, match=r"has 1 class \(a\): a classifier needs at least 2"):
+        splits.load_run_data(data_config("folders", tmp_path / "one", cache_dir))
+
+
+def test_val_fraction_beside_a_validation_tree_is_refused_not_ignored(tmp_path, cache_dir):
+    root = tmp_path / "f"
+    tree(root / "train", {"a": 4, "b": 4})
+    tree(root / "val", {"a": 2, "b": 2})
+    assert len(splits.load_run_data(data_config("folders", root, cache_dir)).validation) == 4  # default: fine
+    with pytest.raises(config_lib.ConfigError,
+                       match=r"'data.val_fraction' \(0.3\) is not used: the data has its own validation split"):
+        splits.load_run_data(data_config("folders", root, cache_dir, val_fraction=0.3))
+
+
+@pytest.mark.parametrize("text", ["1_0", "+3", "٣", "3.0", ""])  # (cells are stripped: " 3" is 3)
+def test_labels_are_plain_integers(small_competition, tmp_path, cache_dir, text):
+    root = tmp_path / "c"
+    shutil.copytree(small_competition, root)
+    lines = (root / "train.csv").read_text().splitlines()
+    image_id = lines[1].split(",")[0]
+    lines[1] = f"{image_id},{text}"
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=f"train.csv' line 2: label .* is not an integer|line 2: .*label"):
+        splits.load_run_data(data_config("competition", root, cache_dir, num_classes=5))
+
+
+def test_competition_test_split_labels_and_missing_csv(small_competition, tmp_path, cache_dir, capfd):
+    root = tmp_path / "c"
+    shutil.copytree(small_competition, root)
+    shutil.copytree(root / "validation", root / "test")
+    splits.load_run_data(data_config("competition", root, cache_dir, num_classes=5))
+    assert "exists but there is no test.csv: no test split" in capfd.readouterr().err
+    rows = read_rows(root / "validation.csv")
+    (root / "test.csv").write_text("image_id,label\n" + "".join(f"{i},{y}\n" for i, y in rows))
+    data = splits.load_run_data(data_config("competition", root, cache_dir, num_classes=5))
+    assert list(data.test.labels) == [y for _, y in rows]  # a labelled test split: scored at the end
+    (root / "test.csv").write_text("image_id,label\n" + "".join(f"{i},\n" for i, _ in rows))
+    assert (splits.load_run_data(data_config("competition", root, cache_dir, num_classes=5)).test.labels == -1).all()
+
+
+def test_a_labelled_test_tree_is_scored_in_the_summary(tmp_path):
+    from imgclf_jax import loop
+
+    root = tmp_path / "f"
+    for split, count in (("train", 6), ("val", 2), ("test", 3)):
+        for k, colour in enumerate(((255, 0, 0), (0, 0, 255))):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(np.full((8, 8, 3), colour, np.uint8)).save(root / split / f"c{k}" / f"{i}.png")
+    c = config_lib.load_config_file(str(ROOT / "configs/folders.py"))
+    overrides = {"data.dir": root, "data.cache_dir": tmp_path / "cache", "data.image_size": 8,
+                 "model.conv_filters": "(4,)", "model.conv_kernel_sizes": "(3,)", "model.conv_paddings": "same",
+                 "model.conv_pools": "(True,)", "model.conv_dropouts": "(0.0,)", "model.dense_units": "(8,)",
+                 "model.dense_dropouts": "(0.0,)", "train.num_epochs": 8, "optimizer.learning_rate": 0.05,
+                 "train.early_stopping.monitor": ""}
+    for key, value in overrides.items():
+        config_lib.apply_override(c, key, str(value))
+    summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
+    predicted = [row.split(",")[1] for row in (tmp_path / "run" / "submission.csv").read_text().splitlines()[1:]]
+    ids = [row.split(",")[0] for row in (tmp_path / "run" / "submission.csv").read_text().splitlines()[1:]]
+    truth = [i.split("/")[0] for i in ids]  # test ids are <class>/<stem>
+    assert summary["num_test_examples"] == 6
+    assert summary["test_accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(predicted, truth)]))
+
+
+def test_confusion_matrix_names_keep_their_ends():
+    from imgclf_jax.report import _wrap
+
+    a, b = (_wrap(f"photos_from_the_north_camera_collected_in_2024_{x}") for x in ("cat", "dog"))
+    assert a != b and a.endswith("2024_cat") and a.count("\n") == 2 and "…" in a
+    assert _wrap("short") == "short" and _wrap("exactly_fourteen_") == "exactly_fourte\nen_"

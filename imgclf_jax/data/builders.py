@@ -267,7 +267,8 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
         free_before = disk.free_bytes(cache_dir)
         tmp = f"{final}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         total = sum(len(examples) for examples in scan.splits.values())
-        print(f"preparing {total} images ({builder_cls.name} from '{root or builder}') into {final} (once)",
+        source = f"from '{root}'" if root else "bundled with scikit-learn"
+        print(f"preparing {total:,} images ({builder_cls.name} {source}) into {final} (once)",
               file=sys.stderr)
         try:
             tfds.disable_progress_bar()

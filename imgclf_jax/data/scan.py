@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
+import re
 import sys
 
 import numpy as np
@@ -136,6 +137,32 @@ def _read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
     return rows
 
 
+def _has_labels(path: str) -> bool:
+    """Whether the CSV at `path` has a ``label`` column filled in on every row (False when none is).
+
+    Raises:
+      DataError: the column is filled in on some rows only (names the first empty line).
+    """
+    if "label" not in _header(path):
+        return False
+    rows = read_csv(path, need_label=True)
+    empty = [line for line, _, text in rows if not text]
+    if len(empty) == len(rows):
+        return False
+    if empty:
+        raise DataError(f"CSV file '{path}' line {empty[0]}: empty label (other rows have labels; fill them "
+                        "all in, or leave the column empty for an unlabeled split)")
+    return True
+
+
+def _header(path: str) -> list[str]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return [h.strip() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError):
+        return []  # read_csv reports it
+
+
 def _parse_label(path: str, line: int, image_id: str, text: str, num_classes: int | None,
                  inferred: bool = False) -> int:
     """The integer label of CSV row `line` (image `image_id`), checked against 0..num_classes-1.
@@ -146,16 +173,16 @@ def _parse_label(path: str, line: int, image_id: str, text: str, num_classes: in
     Raises:
       DataError: a label that is not an integer or lies outside the classes, naming file, line and image.
     """
-    try:
-        label = int(text)
-    except ValueError:
+    # Plain ASCII digits only: int() would also take '1_0' (as 10), ' 3', '+3' or other scripts' digits.
+    if not re.fullmatch(r"-?[0-9]+", text):
         raise DataError(f"CSV file '{path}' line {line}: label {text!r} is not an integer "
-                        f"(image '{image_id}')") from None
+                        f"(image '{image_id}')")
+    label = int(text)
     if label < 0:
         raise DataError(f"CSV file '{path}' line {line}: label {label} of image '{image_id}' is negative "
                         "(labels are class indices 0..K-1)")
     if num_classes is not None and label >= num_classes:
-        why = (f"inferred from train.csv's largest label; set data.num_classes to declare the classes"
+        why = ("inferred from train.csv's largest label; set data.num_classes to declare the classes"
                if inferred else f"data.num_classes={num_classes}")
         raise DataError(f"CSV file '{path}' line {line}: label {label} of image '{image_id}' is outside "
                         f"0..{num_classes - 1} ({why})")
@@ -182,7 +209,13 @@ def scan_competition(root: str, num_classes: int = 0) -> Scan:
     for split, labelled in (("train", True), ("validation", True), ("test", False)):
         csv_path = os.path.join(root, f"{split}.csv")
         if split == "test" and not os.path.exists(csv_path):
+            if os.path.isdir(os.path.join(root, "test")):
+                print(f"warning: '{os.path.join(root, 'test')}' exists but there is no test.csv: no test "
+                      "split (write test.csv with an image_id column to predict it into submission.csv)",
+                      file=sys.stderr)
             continue
+        if split == "test":
+            labelled = _has_labels(csv_path)  # a filled label column: a labelled test split, scored
         rows = read_csv(csv_path, need_label=labelled)
         if labelled:
             labels = [_parse_label(csv_path, line, image_id, text, num_classes or None, inferred)
@@ -311,7 +344,8 @@ def scan_folders(root: str, num_classes: int = 0) -> Scan:
         folder with both images and subfolders, a class count other than num_classes.
     """
     if not os.path.isdir(root):
-        raise DataError(f"data folder '{root}' not found")
+        raise DataError(f"data folder '{root}' not found: point data.dir at your class folders "
+                        "(--config.data.dir=PATH)")
     exts = image_extensions()
     named = split_folders(root)
     splits: dict[str, list[Example]] = {}

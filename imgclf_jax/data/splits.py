@@ -114,7 +114,14 @@ def _whole(prepared: PreparedDataset, name: str) -> Split:
 
 def _described(where: str, count: int, notes: list[str]) -> str:
     """'12,500 images from train.csv + train/' plus notes in parentheses, for RunData.sources."""
-    return f"{count:,} images from {where}" + (f" ({'; '.join(notes)})" if notes else "")
+    return f"{count:,} image{'' if count == 1 else 's'} from {where}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _default_val_fraction() -> float:
+    """The schema's default ``data.val_fraction`` (a config that leaves it alone never sets it)."""
+    from imgclf_jax.config import base_config
+
+    return base_config().data.val_fraction
 
 
 def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) -> RunData:
@@ -123,13 +130,24 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
     Also fills :attr:`RunData.sources` (split name -> where its rows came from, with counts).
 
     Raises:
-      ConfigError: data.class_repeats has a length other than the number of classes.
-      DataError: too few training rows per class to hold out data.val_fraction.
+      ConfigError: data.class_repeats has a length other than the number of classes, or
+        data.val_fraction is set (not the schema's default) while the data has its own validation split.
+      DataError: fewer than 2 classes; too few training rows per class to hold out data.val_fraction.
     """
+    if len(prepared.class_names) < 2:
+        raise DataError(f"the data in '{data.dir}' has {len(prepared.class_names)} class "
+                        f"({', '.join(prepared.class_names) or 'none'}): a classifier needs at least 2 "
+                        "(add a class folder or rows of another label)")
     where = {split: prepared.sources.get(split, split) for split in prepared.splits}
     notes: dict[str, list[str]] = {"train": [], "validation": []}
     train = _whole(prepared, "train")
     if "validation" in prepared.splits:
+        default = _default_val_fraction()
+        if data.val_fraction != default:  # a setting the data makes meaningless: refused, not ignored
+            raise ConfigError(
+                f"config key 'data.val_fraction' ({data.val_fraction:g}) is not used: the data has its own "
+                f"validation split ({prepared.sources.get('validation', 'validation')}); remove the override "
+                f"(or set it back to {default:g})")
         validation = _whole(prepared, "validation")
     else:
         try:
@@ -154,7 +172,8 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
     num_classes = len(prepared.class_names)
     if data.class_repeats and len(data.class_repeats) != num_classes:
         raise ConfigError(
-            f"config key 'data.class_repeats' has {len(data.class_repeats)} entries but the data "
+            f"config key 'data.class_repeats' has {len(data.class_repeats)} "
+            f"entr{'y' if len(data.class_repeats) == 1 else 'ies'} but the data "
             f"has {num_classes} classes"
         )
     sources = {"train": _described(where["train"], len(train), notes["train"]),

@@ -266,6 +266,9 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         for i in range(k):
             report.write_submission(os.path.join(workdir, f"submission_member_{i}.csv"), data.test.image_ids,
                                     test.predictions[i], data.class_names)
+        test_accuracy = loop.labelled_accuracy(data.test.labels, vote(test.probabilities, rule))
+    else:
+        test_accuracy = None
     members = []
     for i, stopper in enumerate(stoppers):
         best = history[stopper.best_epoch] if stopper.best_epoch >= 0 else None
@@ -302,5 +305,7 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
         "num_train_examples": len(data.train),
         "num_val_examples": len(data.validation),
     }
+    if test_accuracy is not None:  # a labelled test split: the vote's accuracy on it
+        summary.update(test_accuracy=test_accuracy, num_test_examples=len(data.test))
     report.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -16,7 +16,11 @@ submission.csv. When the images have labels (a class-folder tree, a CSV with lab
 it also prints the accuracy, the per-class accuracy with counts and the
 confusion matrix, and writes ``<out stem>_confusion_matrix.json`` / ``.png``
 beside FILE. A label or class folder that is not one of the run's classes
-stops with one line naming it, before anything is predicted.
+(names compared after Unicode NFC normalisation) stops with one line naming
+it, before anything is predicted. So does a FILE (or a file written beside it)
+that is an input image or the input CSV, lies inside the images folder, or is
+one of the run's own files in the workdir (config.json, checkpoints/, ...; a
+new file there, e.g. ``WORKDIR/val.csv``, is fine).
 
 An ensemble run (``ensemble.num_members`` > 1) predicts with every member and
 writes the run's vote (``ensemble.vote``: majority, ties by summed

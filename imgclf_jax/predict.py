@@ -16,7 +16,11 @@ submission.csv. When the images have labels (a class-folder tree, a CSV with lab
 it also prints the accuracy, the per-class accuracy with counts and the
 confusion matrix, and writes ``<out stem>_confusion_matrix.json`` / ``.png``
 beside FILE. A label or class folder that is not one of the run's classes
-stops with one line naming it, before anything is predicted.
+(names compared after Unicode NFC normalisation) stops with one line naming
+it, before anything is predicted. So does a FILE (or a file written beside it)
+that is an input image or the input CSV, lies inside the images folder, or is
+one of the run's own files in the workdir (config.json, checkpoints/, ...; a
+new file there, e.g. ``WORKDIR/val.csv``, is fine).
 
 An ensemble run (``ensemble.num_members`` > 1) predicts with every member and
 writes the run's vote (``ensemble.vote``: majority, ties by summed
@@ -38,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import unicodedata
 
 import numpy as np
 
@@ -138,18 +143,26 @@ def list_images(images: str, image_dir: str | None) -> ImageList:
                      [f"CSV file '{images}' line {line}: label '{text}'" for line, _, text in rows])
 
 
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
+
+
 def label_indices(images: ImageList, class_names: list[str]) -> np.ndarray:
-    """``int64[N]``: each image's label as an index into the run's `class_names` (names matched as text).
+    """``int64[N]``: each image's label as an index into the run's `class_names`.
+
+    Names are matched as text after Unicode NFC normalisation of both sides, so a class
+    folder copied on macOS (NFD: 'u' + combining diaeresis) matches the run's 'ü'; the
+    outputs carry the run's own spelling (`class_names`).
 
     Raises:
       DataError: a label (CSV line) or class folder that is not one of `class_names`, named.
     """
-    index = {name: i for i, name in enumerate(class_names)}
+    index = {_nfc(name): i for i, name in enumerate(class_names)}
     for text, origin in zip(images.labels, images.origins):
-        if text not in index:
+        if _nfc(text) not in index:
             shown = ", ".join(class_names[:20]) + (", ..." if len(class_names) > 20 else "")
             raise DataError(f"{origin} is not one of the run's {len(class_names)} classes ({shown})")
-    return np.array([index[text] for text in images.labels], np.int64)
+    return np.array([index[_nfc(text)] for text in images.labels], np.int64)
 
 
 def evaluation_table(truth: np.ndarray, predictions: np.ndarray, class_names: list[str]) -> str:
@@ -180,19 +193,99 @@ def evaluation_table(truth: np.ndarray, predictions: np.ndarray, class_names: li
     return "\n".join(lines)
 
 
-def _finished_run(workdir: str) -> str:
-    """The config.json path of the finished run in `workdir`; raises ConfigError if there is none."""
+def _finished_run(workdir: str) -> dict:
+    """The config (a dict, from config.json) of the finished run in `workdir`.
+
+    Raises:
+      ConfigError: naming what is missing (config.json, checkpoints/result, or both) or a
+        config.json that cannot be read or is not a JSON object.
+    """
     config_path = os.path.join(workdir, "config.json")
-    if not os.path.exists(config_path) or not os.path.isdir(os.path.join(workdir, "checkpoints", "result")):
-        raise ConfigError(f"workdir '{workdir}' holds no finished run (no config.json or result checkpoint)")
-    return config_path
+    result = os.path.join(workdir, "checkpoints", "result")
+    has_config, has_result = os.path.isfile(config_path), os.path.isdir(result)
+    if not has_config and not has_result:
+        raise ConfigError(f"workdir '{workdir}' holds no run: no config.json and no result checkpoint "
+                          "(checkpoints/result); give the --workdir that train wrote")
+    if not has_config:
+        raise ConfigError(f"workdir '{workdir}' has a result checkpoint but no config.json ('{config_path}' "
+                          "is missing): predict needs the run's config; restore it or train again")
+    if not has_result:
+        raise ConfigError(f"workdir '{workdir}' has config.json but no result checkpoint ('{result}' is "
+                          "missing): the run did not finish or its result was deleted; train again "
+                          "(same --workdir resumes an unfinished run; --overwrite starts over)")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"'{config_path}' cannot be read as the run's config ({type(e).__name__}: {e}); "
+                          "it is damaged: restore it or train again with --overwrite") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{config_path}' is not a run's config (a JSON object); it is damaged: restore it "
+                          "or train again with --overwrite")
+    return config
+
+
+def check_outputs(outputs: list[str], images: ImageList, images_arg: str, image_dir: str | None,
+                  workdir: str) -> None:
+    """Refuses output paths that would overwrite predict's inputs or the run's own files.
+
+    Each path in `outputs` (--out and the side files predict would write beside it) is
+    refused if it is (by os.path.realpath, or os.path.samefile for an existing file) the
+    input CSV or one of the input images, if it lies inside the images folder (a flat
+    folder or class-folder tree given as --images, or a CSV's image folder), or if it is
+    one of the run's files in `workdir` (loop.RUN_FILES, submission_member_<i>.csv,
+    anything under checkpoints/). A new file in `workdir` (e.g. val.csv) is allowed.
+
+    Raises:
+      ConfigError: naming the output path and what it would overwrite.
+    """
+    from imgclf_jax import loop
+
+    inputs = [images_arg] if os.path.isfile(images_arg) else []
+    folder = images_arg if os.path.isdir(images_arg) else (image_dir or os.path.splitext(images_arg)[0])
+    folder_real = os.path.realpath(folder)
+    run_real = os.path.realpath(workdir)
+    checkpoints_real = os.path.join(run_real, "checkpoints")
+    by_real = {os.path.realpath(p): p for p in [*inputs, *images.paths]}
+    by_inode = None
+    for out in outputs:
+        real = os.path.realpath(out)
+        shown = f"--out '{out}'" if out == outputs[0] else f"'{out}' (written beside --out)"
+        hit = by_real.get(real)
+        if hit is None and os.path.isfile(real):  # a hard link to an input is the input too
+            if by_inode is None:
+                by_inode = {}
+                for p in [*inputs, *images.paths]:
+                    st = os.stat(p)
+                    by_inode.setdefault((st.st_dev, st.st_ino), p)
+            st = os.stat(real)
+            hit = by_inode.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            what = "the input CSV" if hit in inputs else "an input image"
+            raise ConfigError(f"{shown} would overwrite {what} ('{hit}'): write the predictions elsewhere")
+        if os.path.commonpath([folder_real, real]) == folder_real:
+            raise ConfigError(f"{shown} lies inside the images folder '{folder}': write the predictions "
+                              "outside it (predict never writes among its input images)")
+        parent, name = os.path.split(real)
+        if (parent == run_real and (name in loop.RUN_FILES or loop.RUN_FILE_PATTERN.fullmatch(name))) or (
+                os.path.commonpath([checkpoints_real, real]) == checkpoints_real):
+            raise ConfigError(f"{shown} would overwrite the run's own file "
+                              f"'{os.path.join(workdir, os.path.relpath(real, run_real))}' "
+                              f"in --workdir: give another name (a new file such as "
+                              f"'{os.path.join(workdir, 'predictions.csv')}' is fine)")
+
+
+def confusion_paths(out: str) -> list[str]:
+    """The confusion-matrix files predict writes beside `out` for labelled images: ``<out stem>_confusion_matrix.json/png``."""
+    stem = os.path.splitext(out)[0] + "_confusion_matrix"
+    return [stem + ".json", stem + ".png"]
 
 
 def run_metadata(workdir: str) -> dict:
     """The result checkpoint's metadata of the run in `workdir`: class_names, num_classes, num_members, config.
 
     Raises:
-      ConfigError: `workdir` holds no finished run.
+      ConfigError: `workdir` holds no finished run (names what is missing) or its config.json is damaged.
     """
     from imgclf_jax import checkpoint as ckpt_lib
 
@@ -209,7 +302,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
       K-member ensemble run; labels ``int64[N]``: the argmax, or the ensemble's ``ensemble.vote``).
 
     Raises:
-      ConfigError: `workdir` holds no finished run (no config.json or result checkpoint).
+      ConfigError: `workdir` holds no finished run (names what is missing) or its config.json is damaged.
       CheckpointError: the result checkpoint is corrupt (fails its checksums or orbax's restore).
     """
     import jax
@@ -218,10 +311,8 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     from imgclf_jax import checkpoint as ckpt_lib, loop, parallel, steps
     from imgclf_jax.models import create_model
 
-    config_path = _finished_run(workdir)
+    config = ml_collections.ConfigDict(_finished_run(workdir))
     checkpoints = ckpt_lib.RunCheckpoints(workdir)
-    with open(config_path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
     if batch_size:
         config.train.batch_size = batch_size
     metadata = checkpoints.result_metadata()
@@ -284,6 +375,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--members needs an ensemble run; '{values['workdir']}' is a single model "
                           "(ensemble.num_members = 1)")
     truth = label_indices(images, class_names) if images.labels is not None else None
+    outputs = [values["out"]] + (confusion_paths(values["out"]) if truth is not None else [])
+    outputs += [member_path(values["out"], i) for i in range(num_members)] if values["members"] else []
+    check_outputs(outputs, images, values["images"], values["image_dir"], values["workdir"])
     probabilities, labels = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 

@@ -17,7 +17,6 @@ another seed (``--config.seed=1``) gives another.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -67,6 +66,13 @@ def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], ti
     plt.close(fig)
 
 
+def counts_line(epoch: int, examples: int, rows: int, steps: int, class_counts: dict[str, int]) -> str:
+    """The readable line preview prints after the grid, e.g.
+    ``epoch 1: 1437 examples -> 1437 rows in 45 batches; per class: 0: 143, 1: 146, ...``."""
+    per_class = ", ".join(f"{name}: {count}" for name, count in class_counts.items())
+    return f"epoch {epoch}: {examples} examples -> {rows} rows in {steps} batches; per class: {per_class}"
+
+
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"out": str, "epoch": int, "num_images": int})
@@ -94,13 +100,8 @@ def main(argv: list[str]) -> int:
     )
     save_grid(images, labels, data.class_names, title, out)
     print(f"wrote {out} ({len(images)} images)")
-    print(json.dumps({
-        "epoch": epoch + 1,
-        "examples": len(data.train),
-        "rows_per_epoch": train.epoch_size,
-        "steps_per_epoch": train.steps_per_epoch,
-        "class_counts": dict(zip(data.class_names, counts.tolist())),
-    }))
+    print(counts_line(epoch + 1, len(data.train), train.epoch_size, train.steps_per_epoch,
+                      dict(zip(data.class_names, counts.tolist()))))
     return 0
 
 

@@ -2,7 +2,12 @@
 
 Each argument is a run's workdir (a folder with summary.json), or a folder
 holding runs: then every run below it (any depth, sorted by path) that has a
-summary.json is listed; a folder with none stops with one line.
+summary.json is listed; a folder with none stops with one line. A file (e.g.
+``runs/a/summary.json``) is refused with one line naming the workdir to give.
+
+A named workdir whose summary.json / history.json is damaged (not JSON, keys
+missing) stops with one line naming the file; in a folder of runs such a run is
+skipped with one warning line on stderr naming it, and the rest are listed.
 
 Prints one Markdown row per workdir (from its config.json, summary.json and
 history.json): parameters, best validation accuracy and its epoch, epochs run,
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from imgclf_jax import cli
 from imgclf_jax.errors import ConfigError
@@ -25,11 +31,31 @@ HEADER = ("| run | params | best val acc | best epoch | epochs run | wall time |
 
 
 def _load(workdir: str, name: str):
+    """The parsed JSON file `name` of `workdir`; raises ConfigError (naming the file) if missing or damaged."""
     path = os.path.join(workdir, name)
     if not os.path.exists(path):
         raise ConfigError(f"'{workdir}' has no {name} (not a finished run)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"'{path}' is damaged ({type(e).__name__}: {e}); the run's results cannot be read "
+                          "from it") from None
+
+
+def rows(workdir: str) -> list[str]:
+    """The Markdown rows of one finished run (ensemble_rows or row).
+
+    Raises:
+      ConfigError: its summary.json or history.json is missing, not JSON, or lacks the keys read.
+    """
+    try:
+        if "members" in _load(workdir, "summary.json"):
+            return ensemble_rows(workdir)
+        return [row(workdir)]
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+        raise ConfigError(f"'{workdir}' has a damaged summary.json or history.json ({type(e).__name__}: {e}); "
+                          "the run's results cannot be read from them") from None
 
 
 def row(workdir: str) -> str:
@@ -75,6 +101,9 @@ def find_runs(path: str) -> list[str]:
     """
     if os.path.isfile(os.path.join(path, "summary.json")):
         return [path]
+    if os.path.isfile(path):
+        raise ConfigError(f"'{path}' is a file; give the run's workdir (the folder holding summary.json, "
+                          f"here '{os.path.dirname(path) or '.'}') or a folder of runs")
     if not os.path.isdir(path):
         raise ConfigError(f"'{path}' not found (give a run's workdir or a folder of runs)")
     runs = []
@@ -93,13 +122,19 @@ def main(argv: list[str]) -> int:
     paths = [word for word in argv if not word.startswith("-")]
     if not paths or len(paths) != len(argv):
         raise ConfigError("usage: python -m imgclf_jax.results WORKDIR_OR_FOLDER_OF_RUNS [...]")
-    workdirs = [run for path in paths for run in find_runs(path)]
+    found = [(run, run == path) for path in paths for run in find_runs(path)]  # (workdir, named itself)
+    table = []
+    for workdir, named in found:  # read every run before printing: a named damaged run prints no header
+        try:
+            table += rows(workdir)
+        except ConfigError as e:
+            if named:
+                raise
+            print(f"imgclf_jax.results: warning: skipped '{workdir}': {e}", file=sys.stderr)
+    if not table:
+        raise ConfigError("no run could be read: every run found was skipped (see the warnings above)")
     print(HEADER)
-    for workdir in workdirs:
-        if "members" in _load(workdir, "summary.json"):
-            print("\n".join(ensemble_rows(workdir)))
-        else:
-            print(row(workdir))
+    print("\n".join(table))
     return 0
 
 

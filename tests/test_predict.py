@@ -304,3 +304,124 @@ def test_members_writes_each_members_predictions(digits_run, tmp_path):
     done = run_predict("--workdir", ensemble, "--images", tree, "--out", tmp_path / "only" / "v.csv")
     assert done.returncode == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == [
         "v.csv", "v_confusion_matrix.json", "v_confusion_matrix.png"]
+
+
+# ------------------------------------------------ outputs that would overwrite inputs or the run's files
+
+
+def test_check_outputs_refuses_inputs_images_folders_and_run_files(tmp_path):
+    import os
+
+    from imgclf_jax.errors import ConfigError
+    from imgclf_jax.predict import check_outputs, list_images
+
+    pixels = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    (tmp_path / "flat").mkdir()
+    for name in ("a", "b"):
+        pixels.save(tmp_path / "flat" / f"{name}.png")
+    (tmp_path / "t.csv").write_text("image_id\nb\na\n")
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    pixels.save(tmp_path / "tree" / "cat" / "c.png")
+    work = tmp_path / "w"
+    (work / "checkpoints" / "result").mkdir(parents=True)
+    (work / "config.json").write_text("{}")
+    os.link(tmp_path / "flat" / "a.png", tmp_path / "hard.png")  # another name for an input image
+
+    def refused(out, images, image_dir=None):
+        listed = list_images(str(images), image_dir and str(image_dir))
+        with pytest.raises(ConfigError) as caught:
+            check_outputs([str(out)], listed, str(images), image_dir and str(image_dir), str(work))
+        return str(caught.value)
+
+    def allowed(out, images, image_dir=None):
+        listed = list_images(str(images), image_dir and str(image_dir))
+        check_outputs([str(out)], listed, str(images), image_dir and str(image_dir), str(work))
+
+    flat, csv_file = tmp_path / "flat", tmp_path / "t.csv"
+    assert f"would overwrite an input image ('{flat / 'a.png'}')" in refused(flat / "a.png", flat)
+    assert "would overwrite an input image" in refused(tmp_path / "flat" / ".." / "flat" / "b.png", flat)
+    assert f"would overwrite the input CSV ('{csv_file}')" in refused(csv_file, csv_file, flat)
+    assert "would overwrite an input image" in refused(tmp_path / "hard.png", csv_file, flat)  # samefile
+    assert f"lies inside the images folder '{flat}'" in refused(flat / "new.csv", flat)
+    assert f"lies inside the images folder '{flat}'" in refused(flat / "new.csv", csv_file, flat)
+    tree = tmp_path / "tree"
+    assert f"lies inside the images folder '{tree}'" in refused(tree / "cat" / "p.csv", tree)
+    for name in ("config.json", "history.json", "summary.json", "submission.csv", "submission_member_3.csv",
+                 "confusion_matrix.png", "checkpoints/result/x", "checkpoints/new.csv"):
+        assert "would overwrite the run's own file" in refused(work / name, flat), name
+    allowed(work / "val.csv", flat)  # a new file in the workdir
+    allowed(work / "submission_member_x.csv", flat)
+    allowed(tmp_path / "out.csv", csv_file, flat)
+
+
+def test_label_matching_ignores_unicode_normalisation():
+    import unicodedata
+
+    from imgclf_jax.errors import DataError
+    from imgclf_jax.predict import ImageList, label_indices
+
+    run_names = ["abc", unicodedata.normalize("NFC", "ünï"), "z"]  # as the run recorded them
+    nfd = unicodedata.normalize("NFD", "ünï")  # a macOS copy of the class folder
+    assert nfd != run_names[1]
+    images = ImageList(["x", "y", "w"], ["x.png", "y.png", "w.png"], [nfd, "z", run_names[1]],
+                       [f"class folder 't/{nfd}'", "class folder 't/z'", "class folder 't/ünï'"])
+    assert label_indices(images, run_names).tolist() == [1, 2, 1]
+    # The other way round (a run trained on NFD names) too; an unknown name is still refused.
+    assert label_indices(images, ["abc", nfd, "z"]).tolist() == [1, 2, 1]
+    with pytest.raises(DataError, match="class folder 't/q' is not one of the run's 3 classes"):
+        label_indices(ImageList(["q"], ["q.png"], ["q"], ["class folder 't/q'"]), run_names)
+
+
+def test_predict_refuses_outputs_over_its_inputs_and_the_run(digits_run, tmp_path):
+    import shutil
+
+    workdir, tree, truth, _ = digits_run
+    config_before = (workdir / "config.json").read_bytes()
+
+    def refused(*args):
+        done = run_predict("--workdir", workdir, *args)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return done.stderr
+
+    assert "would overwrite the run's own file" in refused("--images", tree, "--out", workdir / "config.json")
+    assert (workdir / "config.json").read_bytes() == config_before
+    image = tree / "3" / "d3.png"
+    before = image.read_bytes()
+    assert "would overwrite an input image" in refused("--images", tree, "--out", image)
+    assert image.read_bytes() == before
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(image, flat / "a.png")
+    (tmp_path / "t.csv").write_text("image_id,label\na,3\n")
+    assert "would overwrite the input CSV" in refused("--images", tmp_path / "t.csv", "--image_dir", flat,
+                                                      "--out", tmp_path / "t.csv")
+    # The side file <out stem>_confusion_matrix.json would land on the input CSV (here named so).
+    side = tmp_path / "p_confusion_matrix.json"
+    side.write_text("image_id,label\na,3\n")
+    err = refused("--images", side, "--image_dir", flat, "--out", tmp_path / "p.csv")
+    assert f"'{side}' (written beside --out) would overwrite the input CSV" in err and side.read_text() == "image_id,label\na,3\n"
+    assert not (tmp_path / "p.csv").exists()
+    # A new file in the workdir is fine, with its confusion matrix beside it.
+    done = run_predict("--workdir", workdir, "--images", tree, "--out", workdir / "val.csv")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (workdir / "val_confusion_matrix.json").exists() and (workdir / "config.json").read_bytes() == config_before
+
+
+def test_predict_names_what_the_workdir_lacks_and_a_damaged_config(digits_run, tmp_path):
+    import shutil
+
+    workdir, tree, _, _ = digits_run
+    no_result = tmp_path / "no_result"
+    no_result.mkdir()
+    shutil.copy(workdir / "config.json", no_result / "config.json")
+    done = run_predict("--workdir", no_result, "--images", tree, "--out", tmp_path / "x.csv")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"has config.json but no result checkpoint ('{no_result / 'checkpoints' / 'result'}' is missing)" \
+        in done.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    (damaged / "config.json").write_text('{"data": ')
+    done = run_predict("--workdir", damaged, "--images", tree, "--out", tmp_path / "x.csv")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"'{damaged / 'config.json'}' cannot be read as the run's config (JSONDecodeError" in done.stderr
+    assert not (tmp_path / "x.csv").exists()

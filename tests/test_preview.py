@@ -1,7 +1,7 @@
 """The preview tool: a deterministic grid of what the model gets, and one epoch's class counts."""
 
-import json
 import pathlib
+import re
 
 import numpy as np
 from PIL import Image
@@ -17,7 +17,18 @@ def run_preview(tmp_path, capsys, name, *extra):
                          f"--config.data.cache_dir={tmp_path / 'cache'}", "--num_images", "16", *extra])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    return np.asarray(Image.open(out)), json.loads(lines[-1])
+    assert lines[0] == f"wrote {out} (16 images)"
+    return np.asarray(Image.open(out)), parse_counts(lines[-1])
+
+
+def parse_counts(line):
+    """The readable counts line -> the numbers it states (class names here are digits: no ', ' in them)."""
+    match = re.fullmatch(r"epoch (\d+): (\d+) examples -> (\d+) rows in (\d+) batches; per class: (.*)", line)
+    assert match, line
+    epoch, examples, rows, steps = map(int, match.groups()[:4])
+    pairs = (item.split(": ") for item in match.group(5).split(", "))
+    return {"epoch": epoch, "examples": examples, "rows_per_epoch": rows, "steps_per_epoch": steps,
+            "class_counts": {name: int(count) for name, count in pairs}}
 
 
 def test_same_seed_same_grid_other_seed_other_grid(tmp_path, capsys):
@@ -30,6 +41,7 @@ def test_same_seed_same_grid_other_seed_other_grid(tmp_path, capsys):
     # 1,437 training digits, each once per epoch, batches of 32.
     assert counts["rows_per_epoch"] == 1437 and counts["steps_per_epoch"] == 45
     assert sum(counts["class_counts"].values()) == 1437 and len(counts["class_counts"]) == 10
+    assert counts["epoch"] == 1 and counts["examples"] == 1437
 
 
 def test_counts_follow_class_repeats(tmp_path, capsys):

@@ -115,3 +115,34 @@ def test_results_lists_every_run_below_a_folder(tmp_path):
     assert "holds no finished run: no summary.json in it or in any folder below it" in done.stderr
     done = run_results(tmp_path / "absent")
     assert done.returncode == 2 and "absent' not found" in done.stderr
+
+
+def test_results_damaged_summary_named_run_is_one_line_folder_of_runs_skips_it(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs / "a")
+    bad = fake_run(runs / "bad")
+    (bad / "summary.json").write_text("{")  # cut short
+    fake_run(runs / "c", best=0.5)
+    done = run_results(bad)  # named: one line naming the file, no table
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"'{bad / 'summary.json'}' is damaged (JSONDecodeError" in done.stderr
+    done = run_results(runs)  # a folder of runs: the damaged one skipped with one warning, the rest listed
+    assert done.returncode == 0, done.stderr
+    assert [r.split(" | ")[0] for r in done.stdout.strip().splitlines()[2:]] == ["| a", "| c"]
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith(f"imgclf_jax.results: warning: skipped '{bad}'")
+    # Valid JSON without the keys read (best_epoch) is damaged too: one line, no KeyError traceback.
+    (bad / "summary.json").write_text('{"num_params": 3}')
+    done = run_results(bad)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"'{bad}' has a damaged summary.json or history.json (KeyError: 'best_epoch')" in done.stderr
+
+
+def test_results_given_a_summary_file_names_the_workdir(tmp_path):
+    run = fake_run(tmp_path / "a")
+    done = run_results(run / "summary.json")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"'{run / 'summary.json'}' is a file; give the run's workdir (the folder holding summary.json, " \
+           f"here '{run}')" in done.stderr
+    assert "not found" not in done.stderr

@@ -195,6 +195,14 @@ def test_a_deleted_manifest_in_the_only_checkpoint_stops_with_one_line(two_epoch
     assert os.path.isdir(step)
 
 
+def test_overwrite_removes_the_marker_with_the_checkpoints(two_epochs, tmp_path):
+    run, cache = two_epochs
+    work = shutil.copytree(run, tmp_path / "run")
+    assert os.path.isfile(work / "checkpoints" / ckpt_lib.MARKER_NAME)
+    loop.check_workdir(str(work), tiny_digits(cache, epochs=2), overwrite=True)
+    assert not (work / "checkpoints").exists()
+
+
 def test_a_deleted_checkpoint_metadata_file_gives_no_orbax_log_line(two_epochs, tmp_path, caplog):
     run, cache = two_epochs
     work = shutil.copytree(run, tmp_path / "run")
@@ -412,7 +420,7 @@ def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs,
     work = shutil.copytree(run, tmp_path / "run")
     # switching a finished run to 'result' rewrites its reports and drops checkpoints/latest
     summary = loop.train_and_evaluate(tiny_digits(cache, epochs=2, keep_checkpoints="result"), str(work))
-    assert os.listdir(work / "checkpoints") == ["result"]
+    assert sorted(os.listdir(work / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]  # the marker stays
     assert manifest.verify(str(work / "checkpoints" / "result")) is None  # the result, written again, intact
     capsys.readouterr()
     again = loop.train_and_evaluate(tiny_digits(cache, epochs=2, keep_checkpoints="result"), str(work))
@@ -420,7 +428,7 @@ def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs,
     with pytest.raises(CheckpointError, match=r"finished after 2 epochs .* cannot train to 3 epochs; rerun with "
                                               r"--overwrite"):
         loop.train_and_evaluate(tiny_digits(cache, epochs=3, keep_checkpoints="result"), str(work))
-    assert os.listdir(work / "checkpoints") == ["result"]  # neither call recreated checkpoints/latest
+    assert sorted(os.listdir(work / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]  # neither call recreated checkpoints/latest
 
 
 def test_an_ensemble_with_keep_checkpoints_result_keeps_only_the_result(two_epochs, tmp_path, capsys):
@@ -428,7 +436,7 @@ def test_an_ensemble_with_keep_checkpoints_result_keeps_only_the_result(two_epoc
     c = tiny_digits(cache, epochs=1, keep_checkpoints="result")
     c.ensemble.num_members = 2
     summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run" / "checkpoints") == ["result"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]
     assert manifest.verify(str(tmp_path / "run" / "checkpoints" / "result")) is None
     capsys.readouterr()
     assert loop.train_and_evaluate(c, str(tmp_path / "run")) == summary

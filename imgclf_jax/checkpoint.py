@@ -252,6 +252,8 @@ class RunCheckpoints:
     def save_latest(self, step: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
         """Saves the state after `step` updates, then its manifest; the oldest beyond LATEST_TO_KEEP goes.
 
+        Before the first save of a workdir, checkpoints/MANIFESTS is written (:meth:`_mark_manifests`).
+
         Raises:
           DiskFullError: no space left (orbax's temporary folder is removed; the earlier
             checkpoints stay intact).
@@ -336,6 +338,8 @@ class RunCheckpoints:
 
     def save_result(self, params: Any, metadata: dict) -> None:
         """Writes the result params and metadata (and its manifest), replacing an earlier result.
+
+        Before the first save of a workdir, checkpoints/MANIFESTS is written (:meth:`_mark_manifests`).
 
         Raises:
           DiskFullError: no space left (the partial result folder is removed).

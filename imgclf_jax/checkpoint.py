@@ -7,13 +7,20 @@ Layout in the workdir::
                                       early stopping); the two latest are kept, so a corrupt
                                       newest one falls back to the one before
   checkpoints/result/                 the result params and JSON metadata (class names, ...)
+  checkpoints/MANIFESTS               a marker: this workdir's checkpoints carry manifests
 
 Every checkpoint folder gets a checksum manifest (:mod:`imgclf_jax.manifest`:
 the size and sha256 of each of its files) once orbax has written it; it is
 checked before anything is restored, so truncated files, garbage bytes or a
 deleted sub-folder stop with one line (:class:`CheckpointError`) instead of
-restoring silently or failing deep inside orbax. Checkpoints written before
-manifests existed restore unverified (orbax's own errors still become one line).
+restoring silently or failing deep inside orbax. Before the first save,
+``checkpoints/MANIFESTS`` records that the workdir's checkpoints carry
+manifests; from then on a checkpoint folder without one (its manifest deleted,
+or a kill -9 between orbax finishing and the manifest being written) is corrupt,
+as is a latest step without one beside a step that has one. Only a workdir of
+checkpoints written before manifests existed (no marker, no manifest anywhere)
+restores unverified (orbax's own errors still become one line); its folders get
+manifests when the marker is first written.
 
 Restoring takes an abstract target (``jax.ShapeDtypeStruct`` leaves carrying the
 current shardings), so a checkpoint written with one device count restores
@@ -38,8 +45,19 @@ import orbax.checkpoint as ocp
 from imgclf_jax import disk, manifest
 from imgclf_jax.errors import CheckpointError, UserError
 
+# In checkpoints/: its presence says every checkpoint folder of the workdir carries a manifest.
+MARKER_NAME = "MANIFESTS"
+_MARKER_TEXT = (
+    f"Written by imgclf_jax: every checkpoint folder under this folder (latest/<step>/, result/) carries a "
+    f"checksum manifest, {manifest.MANIFEST_NAME}.\nA checkpoint folder here without one is treated as corrupt "
+    "instead of being restored unverified. Deleting this file does not make it restorable.\n")
+
 # Resuming needs one good checkpoint; the one before it is the fallback if the newest is corrupt.
 LATEST_TO_KEEP = 2
+
+
+# The problem of a folder without a manifest in a workdir whose checkpoints carry them.
+_NO_MANIFEST = f"its checksum manifest {manifest.MANIFEST_NAME} is missing, so it cannot be verified"
 
 
 def abstract_like(tree: Any, sharding) -> Any:
@@ -79,13 +97,14 @@ def _remove_temporary(folder: str, name: str, settle_s: float = 0.5, limit_s: fl
 
 class _OrbaxNoise(logging.Filter):
     """Drops orbax's log lines about what this module reports itself in one line: a write that
-    failed on a full disk, and an unparsable checkpoint metadata file (a corrupt checkpoint)."""
+    failed on a full disk, and an unparsable or missing checkpoint metadata file (a corrupt checkpoint)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None and disk.is_disk_full(record.exc_info[1]):
             return False
         text = record.getMessage()
-        return not (disk.is_disk_full(Exception(text)) or text.startswith("Failed to json parse Metadata file"))
+        return not (disk.is_disk_full(Exception(text)) or text.startswith("Failed to json parse Metadata file")
+                    or text.startswith("Metadata file does not exist"))
 
 
 @contextlib.contextmanager
@@ -169,6 +188,49 @@ class RunCheckpoints:
         """``<workdir>/checkpoints/result``: the result params and metadata."""
         return os.path.join(self.workdir, "checkpoints", "result")
 
+    @property
+    def marker_path(self) -> str:
+        """``<workdir>/checkpoints/MANIFESTS``: present once the workdir's checkpoints carry manifests."""
+        return os.path.join(self.workdir, "checkpoints", MARKER_NAME)
+
+    def _kept_steps(self) -> list[str]:
+        """Folders of the finished steps in checkpoints/latest (orbax's temporary folders aside)."""
+        if not os.path.isdir(self.latest_dir):
+            return []
+        return [os.path.join(self.latest_dir, n) for n in sorted(os.listdir(self.latest_dir))
+                if n.isdigit() and os.path.isdir(os.path.join(self.latest_dir, n))]
+
+    def _mark_manifests(self) -> None:
+        """Writes checkpoints/MANIFESTS (atomically) unless present, before a save writes a manifest.
+
+        Checkpoint folders already there without a manifest (a workdir of checkpoints written before
+        manifests existed: until now they restored unverified) get one first, so they stay restorable.
+
+        Raises:
+          OSError: the marker or a manifest cannot be written (e.g. ENOSPC; no temporary file is left).
+        """
+        if os.path.isfile(self.marker_path):
+            return
+        for folder in self._kept_steps() + [self.result_dir]:
+            if os.path.isdir(folder) and not manifest.has_manifest(folder):
+                manifest.write(folder)
+        os.makedirs(os.path.dirname(self.marker_path), exist_ok=True)
+        tmp = f"{self.marker_path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(_MARKER_TEXT)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.marker_path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def _manifests_required(self) -> bool:
+        """Whether a checkpoint folder without a manifest is corrupt: the marker, or a latest step with one."""
+        return os.path.isfile(self.marker_path) or any(manifest.has_manifest(f) for f in self._kept_steps())
+
     def step_dir(self, step: int) -> str:
         """The folder of the latest-checkpoint of `step`."""
         return os.path.join(self.latest_dir, str(step))
@@ -190,6 +252,8 @@ class RunCheckpoints:
     def save_latest(self, step: int, state: Any, best_params: Any | None, loop_state: dict) -> None:
         """Saves the state after `step` updates, then its manifest; the oldest beyond LATEST_TO_KEEP goes.
 
+        Before the first save of a workdir, checkpoints/MANIFESTS is written (:meth:`_mark_manifests`).
+
         Raises:
           DiskFullError: no space left (orbax's temporary folder is removed; the earlier
             checkpoints stay intact).
@@ -202,6 +266,7 @@ class RunCheckpoints:
         need = (disk.folder_bytes(self.step_dir(previous)) if previous is not None
                 else tree_nbytes(state) + tree_nbytes(best_params))
         try:
+            self._mark_manifests()
             with _orbax_quiet_on_disk_full():
                 self._latest.save(step, args=ocp.args.Composite(**items), force=True)
                 self._latest.wait_until_finished()
@@ -227,7 +292,8 @@ class RunCheckpoints:
     def restore_latest(self, abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any, dict]:
         """Restores (state, best params or None, loop state) of the newest checkpoint that verifies.
 
-        A newest checkpoint that fails its manifest check (or orbax's restore) is
+        A newest checkpoint that fails its manifest check, lacks its manifest where the workdir's
+        checkpoints carry them (:meth:`_manifests_required`), or fails orbax's restore, is
         reported in one line on stderr and deleted once an older one restores
         (the run then repeats the steps in between, with identical results).
 
@@ -237,11 +303,14 @@ class RunCheckpoints:
         failed = []
         with _quiet_orbax():
             steps = sorted(self._latest.all_steps(), reverse=True)
+        required = self._manifests_required()
         for step in steps:
             folder = self.step_dir(step)
             problem = None
             if manifest.has_manifest(folder):
                 problem = manifest.verify(folder)
+            elif required:
+                problem = _NO_MANIFEST
             if problem is None:
                 try:
                     with _quiet_orbax():
@@ -270,12 +339,15 @@ class RunCheckpoints:
     def save_result(self, params: Any, metadata: dict) -> None:
         """Writes the result params and metadata (and its manifest), replacing an earlier result.
 
+        Before the first save of a workdir, checkpoints/MANIFESTS is written (:meth:`_mark_manifests`).
+
         Raises:
           DiskFullError: no space left (the partial result folder is removed).
         """
         if os.path.exists(self.result_dir):
             shutil.rmtree(self.result_dir)
         try:
+            self._mark_manifests()
             with _orbax_quiet_on_disk_full(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
                 checkpointer.save(
                     self.result_dir,
@@ -300,6 +372,8 @@ class RunCheckpoints:
             problem = manifest.verify(self.result_dir)
             if problem is not None:
                 raise self._result_error(problem)
+        elif self._manifests_required():
+            raise self._result_error(_NO_MANIFEST)
 
     def _result_error(self, problem: str) -> CheckpointError:
         return CheckpointError(

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -120,19 +121,109 @@ def test_a_corrupt_only_checkpoint_stops_with_one_line_naming_it(two_epochs, tmp
     assert "ERROR:absl" not in capfd.readouterr().err  # orbax's own log lines about it are dropped
 
 
+def old_style(work: pathlib.Path) -> None:
+    """Makes the copied run look written before manifests existed: no marker, no manifest anywhere."""
+    os.remove(work / "checkpoints" / ckpt_lib.MARKER_NAME)
+    for folder in (work / "checkpoints").rglob(manifest.MANIFEST_NAME):
+        os.remove(folder)
+
+
 def test_checkpoints_without_a_manifest_restore_unverified_and_orbax_errors_are_one_line(two_epochs, tmp_path):
     run, cache = two_epochs
     expected = history(run)
     work = shutil.copytree(run, tmp_path / "run")
-    for step in ("8", "16"):
-        os.remove(work / "checkpoints" / "latest" / step / manifest.MANIFEST_NAME)  # as written before manifests
+    old_style(work)  # a workdir of checkpoints written before manifests existed
     summary = loop.train_and_evaluate(tiny_digits(cache, epochs=2), str(work))  # a finished run: restores 16
     assert summary["epochs_run"] == 2 and without_seconds(history(work)) == without_seconds(expected)
+    # rewriting the result marked the workdir; the old steps, just trusted unverified, got manifests
+    assert "checksum manifest" in (work / "checkpoints" / ckpt_lib.MARKER_NAME).read_text()
+    for folder in ("latest/8", "latest/16", "result"):
+        assert manifest.verify(str(work / "checkpoints" / folder)) is None
+    old_style(work)
     shutil.rmtree(work / "checkpoints" / "latest" / "8")
     shutil.rmtree(work / "checkpoints" / "latest" / "16" / "state")
     with pytest.raises(CheckpointError, match=r"latest/16' is corrupt: orbax cannot restore it \(") as info:
         loop.train_and_evaluate(tiny_digits(cache, epochs=3), str(work))
     assert "\n" not in str(info.value)
+
+
+NO_MANIFEST = f"its checksum manifest {manifest.MANIFEST_NAME} is missing, so it cannot be verified"
+
+
+def garble_4000(path: pathlib.Path) -> None:
+    """Overwrites 4000 bytes in the middle of `path` (same size), as the tester did."""
+    data = bytearray(path.read_bytes())
+    middle = max(len(data) // 2 - 2000, 0)
+    data[middle:middle + 4000] = bytes(255 - b for b in data[middle:middle + 4000])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("marker", ["marker kept", "marker deleted"])
+def test_a_deleted_manifest_and_garbage_in_the_newest_checkpoint_falls_back_exactly(two_epochs, tmp_path, capfd,
+                                                                                    marker):
+    run, cache = two_epochs
+    expected = history(run)
+    work = shutil.copytree(run, tmp_path / "run")
+    step = work / "checkpoints" / "latest" / "16"
+    os.remove(step / manifest.MANIFEST_NAME)
+    garble_4000(largest_file(step / "state"))
+    if marker == "marker deleted":  # latest/8 still has its manifest: 16 without one is corrupt all the same
+        os.remove(work / "checkpoints" / ckpt_lib.MARKER_NAME)
+    capfd.readouterr()
+    summary = loop.train_and_evaluate(tiny_digits(cache, epochs=2), str(work))
+    err = capfd.readouterr().err
+    assert (f"warning: checkpoint '{step}' is corrupt ({NO_MANIFEST}); deleted it and resuming from the previous "
+            f"checkpoint '{work}/checkpoints/latest/8'") in err
+    assert without_seconds(history(work)) == without_seconds(expected)  # not the garbage's numbers
+    assert summary["epochs_run"] == 2
+    assert manifest.verify(str(step)) is None  # written again, with its manifest
+    assert os.path.isfile(work / "checkpoints" / ckpt_lib.MARKER_NAME)  # and the marker again
+
+
+def test_a_deleted_manifest_in_the_only_checkpoint_stops_with_one_line(two_epochs, tmp_path):
+    run, cache = two_epochs
+    work = shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(work / "checkpoints" / "latest" / "8")  # no earlier checkpoint, no sibling with a manifest
+    step = work / "checkpoints" / "latest" / "16"
+    os.remove(step / manifest.MANIFEST_NAME)  # also what a kill -9 right after orbax's save leaves
+    garble_4000(largest_file(step / "state"))
+    with pytest.raises(CheckpointError) as info:
+        loop.train_and_evaluate(tiny_digits(cache, epochs=3), str(work))
+    assert str(info.value) == (
+        f"checkpoint '{step}' is corrupt: {NO_MANIFEST} (there is no earlier one); delete "
+        f"'{work}/checkpoints/latest' to train this run again from the start, or rerun with --overwrite")
+    assert os.path.isdir(step)
+
+
+def test_overwrite_removes_the_marker_with_the_checkpoints(two_epochs, tmp_path):
+    run, cache = two_epochs
+    work = shutil.copytree(run, tmp_path / "run")
+    assert os.path.isfile(work / "checkpoints" / ckpt_lib.MARKER_NAME)
+    loop.check_workdir(str(work), tiny_digits(cache, epochs=2), overwrite=True)
+    assert not (work / "checkpoints").exists()
+
+
+def test_a_deleted_checkpoint_metadata_file_gives_no_orbax_log_line(two_epochs, tmp_path, caplog):
+    run, cache = two_epochs
+    work = shutil.copytree(run, tmp_path / "run")
+    shutil.rmtree(work / "checkpoints" / "latest" / "8")
+    step = work / "checkpoints" / "latest" / "16"
+    os.remove(step / "_CHECKPOINT_METADATA")
+    with caplog.at_level(logging.DEBUG), pytest.raises(CheckpointError) as info:
+        loop.train_and_evaluate(tiny_digits(cache, epochs=3), str(work))
+    assert str(info.value).startswith(f"checkpoint '{step}' is corrupt: file '_CHECKPOINT_METADATA' is missing")
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+
+
+def test_the_orbax_noise_filter_drops_only_what_is_reported_in_one_line():
+    def record(text):
+        return logging.LogRecord("absl", logging.WARNING, __file__, 1, text, None, None)
+
+    noise = ckpt_lib._OrbaxNoise()
+    assert not noise.filter(record("Metadata file does not exist: /w/checkpoints/latest/14/_CHECKPOINT_METADATA"))
+    assert not noise.filter(record("Failed to json parse Metadata file: /w/x"))
+    assert noise.filter(record("Failed to read Metadata file: /w/x, error: boom"))
+    assert noise.filter(record("Saving checkpoint at step 8"))
 
 
 def test_predict_on_a_corrupt_result_is_one_line_naming_the_folder(two_epochs, tmp_path):
@@ -152,10 +243,33 @@ def test_predict_on_a_corrupt_result_is_one_line_naming_the_folder(two_epochs, t
     assert f"result checkpoint '{result}' is corrupt: file 'params/" in done.stderr
     assert "restore that folder from a copy, or train the run again" in done.stderr
     shutil.rmtree(result / "params")
-    os.remove(result / manifest.MANIFEST_NAME)  # unverified: orbax's own failure becomes one line
+    old_style(work)  # unverified: orbax's own failure becomes one line
     checkpoints = ckpt_lib.RunCheckpoints(str(work))
     with pytest.raises(CheckpointError, match="is corrupt: orbax cannot restore it"):
         checkpoints.restore_result({"x": None})
+
+
+def test_predict_on_a_result_without_its_manifest_is_one_line(two_epochs, tmp_path):
+    run, _ = two_epochs
+    work = shutil.copytree(run, tmp_path / "run")
+    result = work / "checkpoints" / "result"
+    os.remove(result / manifest.MANIFEST_NAME)
+    garble_4000(largest_file(result / "params"))
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    done = subprocess.run([sys.executable, "-m", "imgclf_jax.predict", "--workdir", str(work), "--images",
+                           str(images), "--out", str(tmp_path / "out.csv")], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    assert done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
+    assert f"result checkpoint '{result}' is corrupt: {NO_MANIFEST}; restore that folder from a copy" in done.stderr
+    assert not (tmp_path / "out.csv").exists()
+    # with the marker deleted too, latest/ steps with manifests still say the result should have one
+    os.remove(work / "checkpoints" / ckpt_lib.MARKER_NAME)
+    with pytest.raises(CheckpointError, match=f"is corrupt: {NO_MANIFEST}"):
+        ckpt_lib.RunCheckpoints(str(work)).result_metadata()
 
 
 # ----------------------------------------------------------------------------- point 6: a full disk
@@ -306,7 +420,7 @@ def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs,
     work = shutil.copytree(run, tmp_path / "run")
     # switching a finished run to 'result' rewrites its reports and drops checkpoints/latest
     summary = loop.train_and_evaluate(tiny_digits(cache, epochs=2, keep_checkpoints="result"), str(work))
-    assert os.listdir(work / "checkpoints") == ["result"]
+    assert sorted(os.listdir(work / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]  # the marker stays
     assert manifest.verify(str(work / "checkpoints" / "result")) is None  # the result, written again, intact
     capsys.readouterr()
     again = loop.train_and_evaluate(tiny_digits(cache, epochs=2, keep_checkpoints="result"), str(work))
@@ -314,7 +428,7 @@ def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs,
     with pytest.raises(CheckpointError, match=r"finished after 2 epochs .* cannot train to 3 epochs; rerun with "
                                               r"--overwrite"):
         loop.train_and_evaluate(tiny_digits(cache, epochs=3, keep_checkpoints="result"), str(work))
-    assert os.listdir(work / "checkpoints") == ["result"]  # neither call recreated checkpoints/latest
+    assert sorted(os.listdir(work / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]  # neither call recreated checkpoints/latest
 
 
 def test_an_ensemble_with_keep_checkpoints_result_keeps_only_the_result(two_epochs, tmp_path, capsys):
@@ -322,7 +436,7 @@ def test_an_ensemble_with_keep_checkpoints_result_keeps_only_the_result(two_epoc
     c = tiny_digits(cache, epochs=1, keep_checkpoints="result")
     c.ensemble.num_members = 2
     summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
-    assert os.listdir(tmp_path / "run" / "checkpoints") == ["result"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == [ckpt_lib.MARKER_NAME, "result"]
     assert manifest.verify(str(tmp_path / "run" / "checkpoints" / "result")) is None
     capsys.readouterr()
     assert loop.train_and_evaluate(c, str(tmp_path / "run")) == summary

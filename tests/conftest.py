@@ -45,6 +45,17 @@ def copy_with_test_split(src: pathlib.Path, dst: pathlib.Path, stems: list[str])
     return paths
 
 
+def data_config(builder, root, cache_dir, **changes):
+    """The base config's ``data`` section for `builder` on `root`, with `changes` applied."""
+    from imgclf_jax import config as config_lib
+
+    c = config_lib.base_config().data
+    c.builder, c.dir, c.cache_dir = builder, str(root), str(cache_dir)
+    for key, value in changes.items():
+        c[key] = value
+    return c
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
     if not (SHARED_DATA / "train.csv").exists():

@@ -7,19 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import copy_with_test_split, find_image, read_rows
-from imgclf_jax import config as config_lib
+from conftest import copy_with_test_split, data_config, find_image, read_rows
 from imgclf_jax.data import builders, splits
 from imgclf_jax.data.imageio import load_rgb
 from imgclf_jax.errors import ConfigError, DataError
-
-
-def data_config(builder, root, cache_dir, **changes):
-    c = config_lib.base_config().data
-    c.builder, c.dir, c.cache_dir = builder, str(root), str(cache_dir)
-    for key, value in changes.items():
-        c[key] = value
-    return c
 
 
 def test_competition_real_images_keep_csv_order_and_pixels(small_competition, cache_dir):

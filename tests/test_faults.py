@@ -226,18 +226,24 @@ def test_the_orbax_noise_filter_drops_only_what_is_reported_in_one_line():
     assert noise.filter(record("Saving checkpoint at step 8"))
 
 
+def predict_one_image(work, tmp_path) -> subprocess.CompletedProcess:
+    """Runs the predict command of `work` on one black 8x8 image, writing tmp_path/out.csv."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (8, 8)).save(images / "a.png")
+    return subprocess.run([sys.executable, "-m", "imgclf_jax.predict", "--workdir", str(work), "--images",
+                           str(images), "--out", str(tmp_path / "out.csv")], cwd=ROOT, capture_output=True,
+                          text=True)
+
+
 def test_predict_on_a_corrupt_result_is_one_line_naming_the_folder(two_epochs, tmp_path):
     run, _ = two_epochs
     work = shutil.copytree(run, tmp_path / "run")
     result = work / "checkpoints" / "result"
     garble(largest_file(result / "params"))
-    images = tmp_path / "images"
-    images.mkdir()
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(images / "a.png")
-    done = subprocess.run([sys.executable, "-m", "imgclf_jax.predict", "--workdir", str(work), "--images",
-                           str(images), "--out", str(tmp_path / "out.csv")], cwd=ROOT, capture_output=True,
-                          text=True)
+    done = predict_one_image(work, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
     assert f"result checkpoint '{result}' is corrupt: file 'params/" in done.stderr
@@ -255,13 +261,7 @@ def test_predict_on_a_result_without_its_manifest_is_one_line(two_epochs, tmp_pa
     result = work / "checkpoints" / "result"
     os.remove(result / manifest.MANIFEST_NAME)
     garble_4000(largest_file(result / "params"))
-    images = tmp_path / "images"
-    images.mkdir()
-    from PIL import Image
-    Image.new("RGB", (8, 8)).save(images / "a.png")
-    done = subprocess.run([sys.executable, "-m", "imgclf_jax.predict", "--workdir", str(work), "--images",
-                           str(images), "--out", str(tmp_path / "out.csv")], cwd=ROOT, capture_output=True,
-                          text=True)
+    done = predict_one_image(work, tmp_path)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0, done.stderr[-2000:]
     assert f"result checkpoint '{result}' is corrupt: {NO_MANIFEST}; restore that folder from a copy" in done.stderr

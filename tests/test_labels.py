@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import read_rows
+from conftest import data_config, read_rows
 from imgclf_jax import config as config_lib
 from imgclf_jax.data import builders, splits
 from imgclf_jax.errors import DataError
@@ -25,14 +25,6 @@ def tree(root: pathlib.Path, per_class: dict[str, int], flat: int = 0) -> None:
         (root / name).mkdir(parents=True, exist_ok=True)
         for i in range(count):
             Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / name / f"i{i}.png")
-
-
-def data_config(builder, root, cache_dir, **changes):
-    c = config_lib.base_config().data
-    c.builder, c.dir, c.cache_dir = builder, str(root), str(cache_dir)
-    for key, value in changes.items():
-        c[key] = value
-    return c
 
 
 # ----------------------------------------------------------------------------- point 4: declared classes
@@ -232,7 +224,7 @@ def test_labels_are_plain_integers(small_competition, tmp_path, cache_dir, text)
     image_id = lines[1].split(",")[0]
     lines[1] = f"{image_id},{text}"
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=f"train.csv' line 2: label .* is not an integer|line 2: .*label"):
+    with pytest.raises(DataError, match="train.csv' line 2: label .* is not an integer|line 2: .*label"):
         splits.load_run_data(data_config("competition", root, cache_dir, num_classes=5))
 
 

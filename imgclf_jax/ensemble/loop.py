@@ -218,6 +218,11 @@ def train_ensemble(config, workdir: str, overwrite: bool = False) -> dict:
     return summary
 
 
+def _members_at(keeps_best: bool) -> str:
+    """Which epoch the result's members are taken at (summary.json, the curves' result-vote line)."""
+    return "their own best epochs" if keeps_best else "the last epoch"
+
+
 def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool) -> dict:
     """summary.json's "vote": the result's votes beside the best per-epoch votes.
 
@@ -226,9 +231,7 @@ def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool)
     is the best vote of all members at the same epoch (history's ``<rule>_val_accuracy``; ties go
     to the earlier epoch). The two can differ either way: a vote is not bounded by its members.
     """
-    out = {"rule": rule,
-           "result": {"rule": rule, "val_accuracy": votes[rule],
-                      "members_at": "their own best epochs" if keeps_best else "the last epoch"}}
+    out = {"rule": rule, "result": {"rule": rule, "val_accuracy": votes[rule], "members_at": _members_at(keeps_best)}}
     for name in ("majority", "soft"):
         per_epoch = [h[f"{name}_val_accuracy"] for h in history]
         best = int(np.argmax(per_epoch))
@@ -255,18 +258,19 @@ def finish(config, workdir, data, params, progress, stoppers, nan_steps, num_par
     matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,
                                  f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
-    members_at = "their own best epochs" if stoppers[0].restores_best else "the last epoch"
     report.plot_member_curves(history, workdir,
                               [history[s.best_epoch]["epoch"] if s.best_epoch >= 0 else None for s in stoppers],
-                              result_vote=(f"{rule} vote, members at {members_at}", votes[rule]))
+                              result_vote=(f"{rule} vote, members at {_members_at(stoppers[0].restores_best)}",
+                                           votes[rule]))
     if data.test is not None:
         test = loop.evaluate(eval_step, params, data.test, config, mesh, desc="test")
-        report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids,
-                                vote(test.probabilities, rule), data.class_names)
+        test_votes = vote(test.probabilities, rule)
+        report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids, test_votes,
+                                data.class_names)
         for i in range(k):
             report.write_submission(os.path.join(workdir, f"submission_member_{i}.csv"), data.test.image_ids,
                                     test.predictions[i], data.class_names)
-        test_accuracy = loop.labelled_accuracy(data.test.labels, vote(test.probabilities, rule))
+        test_accuracy = loop.labelled_accuracy(data.test.labels, test_votes)
     else:
         test_accuracy = None
     members = []

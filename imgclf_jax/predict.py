@@ -85,13 +85,6 @@ def _subfolders(folder: str) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith((".", "__MACOSX")))
 
 
-def _csv_header(path: str) -> list[str]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        return [h.strip() for h in next(csv.reader(f), [])]
-
-
 def list_images(images: str, image_dir: str | None) -> ImageList:
     """The images to predict: a folder's images sorted by id, a class-folder tree, or a CSV's rows in order.
 
@@ -112,7 +105,7 @@ def list_images(images: str, image_dir: str | None) -> ImageList:
             return ImageList(ids, [files[i] for i in ids])
         if not classes:
             raise DataError(f"folder '{images}' holds no images")
-        names, examples = scan_lib._class_tree(images, exts)
+        names, examples = scan_lib.class_tree(images, exts)
         if not examples:
             raise DataError(f"class folders under '{images}' ({', '.join(names[:3])}"
                             f"{', ...' if len(names) > 3 else ''}) hold no images")
@@ -121,7 +114,7 @@ def list_images(images: str, image_dir: str | None) -> ImageList:
                          [f"class folder '{os.path.join(images, names[e.label])}'" for e in examples])
     if not os.path.isfile(images):
         raise DataError(f"--images '{images}' is neither a folder nor a CSV file")
-    labelled = "label" in _csv_header(images)
+    labelled = scan_lib.has_labels(images)  # every row labelled; some rows only: a DataError
     rows = scan_lib.read_csv(images, need_label=labelled)
     folder = image_dir or os.path.splitext(images)[0]
     files = scan_lib.index_folder(folder, exts)
@@ -132,13 +125,8 @@ def list_images(images: str, image_dir: str | None) -> ImageList:
             raise DataError(f"CSV file '{images}' line {line}: no image file for id '{image_id}' in '{folder}'")
         ids.append(image_id)
         paths.append(files[image_id])
-    filled = [bool(text) for _, _, text in rows] if labelled else []
-    if not any(filled):  # no label column, or an empty one (a test.csv with a blank label column)
+    if not labelled:  # no label column, or an empty one (a test.csv with a blank label column)
         return ImageList(ids, paths)
-    if not all(filled):
-        line = rows[filled.index(False)][0]
-        raise DataError(f"CSV file '{images}' line {line}: empty label (other rows have labels: "
-                        "label every row, or none)")
     return ImageList(ids, paths, [text for _, _, text in rows],
                      [f"CSV file '{images}' line {line}: label '{text}'" for line, _, text in rows])
 

@@ -137,13 +137,13 @@ def _read_csv(path: str, need_label: bool) -> list[tuple[int, str, str | None]]:
     return rows
 
 
-def _has_labels(path: str) -> bool:
+def has_labels(path: str) -> bool:
     """Whether the CSV at `path` has a ``label`` column filled in on every row (False when none is).
 
     Raises:
       DataError: the column is filled in on some rows only (names the first empty line).
     """
-    if "label" not in _header(path):
+    if "label" not in csv_header(path):
         return False
     rows = read_csv(path, need_label=True)
     empty = [line for line, _, text in rows if not text]
@@ -155,7 +155,8 @@ def _has_labels(path: str) -> bool:
     return True
 
 
-def _header(path: str) -> list[str]:
+def csv_header(path: str) -> list[str]:
+    """The stripped header cells of the CSV at `path` ([] if it cannot be read: read_csv reports that)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return [h.strip() for h in next(csv.reader(f), [])]
@@ -215,7 +216,7 @@ def scan_competition(root: str, num_classes: int = 0) -> Scan:
                       file=sys.stderr)
             continue
         if split == "test":
-            labelled = _has_labels(csv_path)  # a filled label column: a labelled test split, scored
+            labelled = has_labels(csv_path)  # a filled label column: a labelled test split, scored
         rows = read_csv(csv_path, need_label=labelled)
         if labelled:
             labels = [_parse_label(csv_path, line, image_id, text, num_classes or None, inferred)
@@ -285,7 +286,7 @@ def _check_competition_layout(root: str) -> None:
 SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val", "valid"), "test": ("test",)}
 
 
-def _class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Example]]:
+def class_tree(folder: str, exts: frozenset[str]) -> tuple[list[str], list[Example]]:
     classes = _subfolders(folder)
     if not classes:
         raise DataError(f"folder '{folder}' has no class subfolders (expected {folder}/<class>/<image>)")
@@ -355,12 +356,12 @@ def scan_folders(root: str, num_classes: int = 0) -> Scan:
             folder = next(iter(named.values()))
             raise DataError(f"data folder '{root}' has a '{folder}/' folder but no train/: put the training "
                             f"images under train/<class>/ (or rename the class folder '{folder}')")
-        classes, splits["train"] = _class_tree(root, exts)
+        classes, splits["train"] = class_tree(root, exts)
         sources["train"] = "the class folders"
         train_dir = root
     else:
         train_dir = os.path.join(root, named["train"])
-        classes, splits["train"] = _class_tree(train_dir, exts)
+        classes, splits["train"] = class_tree(train_dir, exts)
         sources["train"] = f"{named['train']}/"
         others = [n for n in _subfolders(root) if n not in named.values()]
         if others:
@@ -369,7 +370,7 @@ def scan_folders(root: str, num_classes: int = 0) -> Scan:
 
         def tree(name: str) -> list[Example]:
             folder = os.path.join(root, name)
-            tree_classes, examples = _class_tree(folder, exts)
+            tree_classes, examples = class_tree(folder, exts)
             if tree_classes != classes:
                 raise DataError(f"class folders differ: '{train_dir}' has {classes}, '{folder}' has {tree_classes}")
             return examples

@@ -160,7 +160,8 @@ def _orbax_quiet_on_disk_full():
 
 
 class RunCheckpoints:
-    """The checkpoints of one workdir."""
+    """The checkpoints of one workdir; a context manager that closes them on every exit
+    (``with RunCheckpoints(workdir) as checkpoints: ...``)."""
 
     def __init__(self, workdir: str):
         self.workdir = os.path.abspath(workdir)
@@ -427,3 +428,10 @@ class RunCheckpoints:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False

@@ -35,3 +35,19 @@ class DiskFullError(UserError):
     """A write failed because its filesystem is full (ENOSPC) or the user's quota is spent (EDQUOT)."""
 
     exit_code = 1
+
+
+class WorkdirBusy(ConfigError):
+    """Another run holds the workdir's lock (:mod:`imgclf_jax.workdir_lock`); nothing was touched."""
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a NaN or infinite loss)."""
+
+    exit_code = 1
+
+
+class Interrupted(UserError):
+    """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 130

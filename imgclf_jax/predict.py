@@ -221,13 +221,13 @@ def check_outputs(outputs: list[str], images: ImageList, images_arg: str, image_
     refused if it is (by os.path.realpath, or os.path.samefile for an existing file) the
     input CSV or one of the input images, if it lies inside the images folder (a flat
     folder or class-folder tree given as --images, or a CSV's image folder), or if it is
-    one of the run's files in `workdir` (loop.RUN_FILES, submission_member_<i>.csv,
+    one of the run's files in `workdir` (workdir.RUN_FILES, submission_member_<i>.csv,
     anything under checkpoints/). A new file in `workdir` (e.g. val.csv) is allowed.
 
     Raises:
       ConfigError: naming the output path and what it would overwrite.
     """
-    from imgclf_jax import loop
+    from imgclf_jax import workdir as workdir_lib
 
     inputs = [images_arg] if os.path.isfile(images_arg) else []
     folder = images_arg if os.path.isdir(images_arg) else (image_dir or os.path.splitext(images_arg)[0])
@@ -255,7 +255,7 @@ def check_outputs(outputs: list[str], images: ImageList, images_arg: str, image_
             raise ConfigError(f"{shown} lies inside the images folder '{folder}': write the predictions "
                               "outside it (predict never writes among its input images)")
         parent, name = os.path.split(real)
-        if (parent == run_real and (name in loop.RUN_FILES or loop.RUN_FILE_PATTERN.fullmatch(name))) or (
+        if (parent == run_real and (name in workdir_lib.RUN_FILES or workdir_lib.RUN_FILE_PATTERN.fullmatch(name))) or (
                 os.path.commonpath([checkpoints_real, real]) == checkpoints_real):
             raise ConfigError(f"{shown} would overwrite the run's own file "
                               f"'{os.path.join(workdir, os.path.relpath(real, run_real))}' "
@@ -296,7 +296,8 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     import jax
     import ml_collections
 
-    from imgclf_jax import checkpoint as ckpt_lib, loop, parallel, steps
+    from imgclf_jax import checkpoint as ckpt_lib, parallel, steps
+    from imgclf_jax.evaluation import evaluate
     from imgclf_jax.models import create_model
 
     config = ml_collections.ConfigDict(_finished_run(workdir))
@@ -321,7 +322,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
     if num_members == 1:
-        evaluation = loop.evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh,
+        evaluation = evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh,
                                    desc="predict")
         return evaluation.probabilities, evaluation.predictions
     from imgclf_jax.ensemble import mapping, steps as ens_steps
@@ -329,7 +330,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
 
     mode = mapping.resolve_mapping(config.ensemble.mapping)
     eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
-    probabilities = loop.evaluate(eval_step, params, split, config, mesh, desc="predict").probabilities
+    probabilities = evaluate(eval_step, params, split, config, mesh, desc="predict").probabilities
     return probabilities, vote(probabilities, config.ensemble.vote)
 
 

@@ -76,9 +76,10 @@ def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"overwrite": bool})
     from imgclf_jax import loop  # jax is imported only after the command line is known to be good
+    from imgclf_jax import workdir as workdir_lib
 
     summary = loop.train_and_evaluate(args.config, args.workdir, overwrite=args.extras["overwrite"])
-    print("\n".join(summary_lines(summary, args.workdir, loop.run_files(args.workdir))))
+    print("\n".join(summary_lines(summary, args.workdir, workdir_lib.run_files(args.workdir))))
     return 0
 
 

@@ -15,13 +15,9 @@ from __future__ import annotations
 import fcntl
 import os
 
-from imgclf_jax.errors import ConfigError
+from imgclf_jax.errors import ConfigError, WorkdirBusy
 
 LOCK_NAME = ".train.lock"
-
-
-class WorkdirBusy(ConfigError):
-    """Another process holds the workdir's lock (a run is in progress there)."""
 
 
 class WorkdirLock:

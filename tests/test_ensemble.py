@@ -12,7 +12,8 @@ from imgclf_jax import config as config_lib, loop
 from imgclf_jax.ensemble import steps as ens_steps
 from imgclf_jax.ensemble.mapping import default_mapping, map_members, resolve_mapping
 from imgclf_jax.ensemble.voting import majority_vote, soft_vote
-from imgclf_jax.errors import ConfigError
+from imgclf_jax import workdir as workdir_lib
+from imgclf_jax.errors import ConfigError, TrainingError
 from imgclf_jax.models import create_model
 from imgclf_jax.optim import create_optimizer
 
@@ -148,7 +149,7 @@ def test_when_every_member_hits_a_nan_the_job_writes_its_reports_and_fails(small
     poison(monkeypatch, [0, 1])
     c = small_config(small_competition, str(tmp_path / "cache"), num_members=2, mapping="unroll")
     c.train.early_stopping.monitor, c.train.num_epochs = "", 3
-    with pytest.raises(loop.TrainingError, match=r"every member.*\[1, 1\]"):
+    with pytest.raises(TrainingError, match=r"every member.*\[1, 1\]"):
         loop.train_and_evaluate(c, str(tmp_path / "ens"))
     summary = read(tmp_path / "ens", "summary.json")
     assert summary["epochs_run"] == 1 and [m["nan_step"] for m in summary["members"]] == [1, 1]
@@ -266,5 +267,5 @@ def test_test_split_gives_voted_and_per_member_submissions_and_predict_reproduce
     assert out.read_text() == (workdir / "submission.csv").read_text()
     # --overwrite removes the ensemble's own files, per-member submissions included.
     (workdir / "notes.txt").write_text("mine")
-    loop.check_workdir(str(workdir), c, overwrite=True)
+    workdir_lib.check_workdir(str(workdir), c, overwrite=True)
     assert sorted(p.name for p in workdir.iterdir()) == ["notes.txt"]

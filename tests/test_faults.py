@@ -14,6 +14,7 @@ import pytest
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import config as config_lib
 from imgclf_jax import disk, loop, manifest, report
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.data import builders
 from imgclf_jax.errors import CheckpointError, ConfigError, DataError, DiskFullError
 
@@ -199,7 +200,7 @@ def test_overwrite_removes_the_marker_with_the_checkpoints(two_epochs, tmp_path)
     run, cache = two_epochs
     work = shutil.copytree(run, tmp_path / "run")
     assert os.path.isfile(work / "checkpoints" / ckpt_lib.MARKER_NAME)
-    loop.check_workdir(str(work), tiny_digits(cache, epochs=2), overwrite=True)
+    workdir_lib.check_workdir(str(work), tiny_digits(cache, epochs=2), overwrite=True)
     assert not (work / "checkpoints").exists()
 
 
@@ -412,7 +413,7 @@ def test_keep_checkpoints_is_validated_and_may_change_on_resume(two_epochs):
     c = tiny_digits(cache, keep_checkpoints="latest")
     with pytest.raises(ConfigError, match=r"'train.keep_checkpoints' must be one of \('resume', 'result'\)"):
         config_lib.validate(c)
-    loop.check_workdir(str(run), tiny_digits(cache, epochs=2, keep_checkpoints="result"), overwrite=False)
+    workdir_lib.check_workdir(str(run), tiny_digits(cache, epochs=2, keep_checkpoints="result"), overwrite=False)
 
 
 def test_keep_checkpoints_result_keeps_only_the_result_once_finished(two_epochs, tmp_path, capsys):

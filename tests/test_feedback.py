@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from imgclf_jax import config as config_lib, loop, memory, workdir_lock
+from imgclf_jax import workdir as workdir_lib
 from imgclf_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -318,7 +319,7 @@ def test_an_ensemble_shows_its_result_vote_beside_the_per_epoch_votes(tmp_path, 
     assert len(results.ensemble_rows(str(workdir))) == 4  # results still reads the summary
     out = capsys.readouterr().out
     assert "params per member, 2 members; batch 32" in out
-    line = train.summary_lines(summary, str(workdir), loop.run_files(str(workdir)))[0]
+    line = train.summary_lines(summary, str(workdir), workdir_lib.run_files(str(workdir)))[0]
     assert (f"result: majority vote of the members at their own best epochs {summary['result_val_accuracy']:.4f} "
             f"(majority {vote['majority']['val_accuracy']:.4f}, soft {vote['soft']['val_accuracy']:.4f}); the "
             f"per-epoch majority vote peaked at {vote['majority']['per_epoch_best']['val_accuracy']:.4f} "

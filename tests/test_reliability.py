@@ -14,7 +14,8 @@ from PIL import Image
 
 from imgclf_jax import config as config_lib, loop, steps
 from imgclf_jax.data import builders
-from imgclf_jax.errors import DataError
+from imgclf_jax import workdir as workdir_lib
+from imgclf_jax.errors import DataError, TrainingError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(steps, "jit_train_step", poisoned_jit)
     workdir = tmp_path / "run"
-    with pytest.raises(loop.TrainingError, match=r"loss is nan at step 11 \(epoch 2, batch 3\)"):
+    with pytest.raises(TrainingError, match=r"loss is nan at step 11 \(epoch 2, batch 3\)"):
         loop.train_and_evaluate(tiny_digits(tmp_path), str(workdir))
     assert len(json.loads((workdir / "history.json").read_text())) == 1
     assert os.listdir(workdir / "checkpoints" / "latest") == ["8"]  # the end of epoch 1, intact
@@ -149,13 +150,13 @@ def test_cache_dir_and_workdir_problems_are_one_line_errors(small_competition, t
     c = tiny_digits(tmp_path)
     c.data.dir = str(small_competition)
     with pytest.raises(ConfigError, match="lies inside data.dir"):
-        loop.check_workdir(str(small_competition / "runs" / "x"), c, overwrite=False)
+        workdir_lib.check_workdir(str(small_competition / "runs" / "x"), c, overwrite=False)
     foreign = tmp_path / "project"
     (foreign / "src").mkdir(parents=True)
     (foreign / "config.json").write_text('{"name": "my-app"}')
     (foreign / "src" / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not an imgclf_jax run's"):
-        loop.check_workdir(str(foreign), tiny_digits(tmp_path), overwrite=True)
+        workdir_lib.check_workdir(str(foreign), tiny_digits(tmp_path), overwrite=True)
     assert (foreign / "src" / "precious.txt").exists()
 
 
@@ -165,7 +166,7 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     (workdir / "notes.txt").write_text("mine")
     c = tiny_digits(tmp_path, epochs=1)
     c.optimizer.learning_rate = 0.01
-    loop.check_workdir(str(workdir), c, overwrite=True)
+    workdir_lib.check_workdir(str(workdir), c, overwrite=True)
     assert sorted(os.listdir(workdir)) == ["notes.txt"]
 
 
@@ -173,7 +174,7 @@ def test_nan_weights_at_the_end_of_an_epoch_are_never_saved(tmp_path):
     c = tiny_digits(tmp_path, epochs=2)
     c.optimizer.learning_rate = 1e30
     c.data.max_train_examples = 32  # one step per epoch: the NaN shows only in validation
-    with pytest.raises(loop.TrainingError, match="validation loss is nan after epoch 1"):
+    with pytest.raises(TrainingError, match="validation loss is nan after epoch 1"):
         loop.train_and_evaluate(c, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "checkpoints" / "latest").exists() or not os.listdir(
         tmp_path / "run" / "checkpoints" / "latest")

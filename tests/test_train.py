@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from imgclf_jax import config as config_lib, loop, parallel, steps
+from imgclf_jax import config as config_lib, loop, parallel, plain, steps
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.models import create_model
 from imgclf_jax.optim import create_optimizer
@@ -156,7 +156,7 @@ def test_loop_restores_the_best_epoch_of_a_scripted_validation_loss(tmp_path, mo
                                         "train.early_stopping.patience": "2", "train.num_epochs": "6"})
     scripted = iter([0.9, 0.4, 0.6, 0.7, 0.1])  # best at epoch index 1; stops after index 3
     seen = []
-    real_evaluate = loop.evaluate
+    real_evaluate = plain.evaluate
 
     def fake_evaluate(eval_step, params, split, cfg, mesh, **kwargs):
         result = real_evaluate(eval_step, params, split, cfg, mesh, **kwargs)
@@ -166,7 +166,7 @@ def test_loop_restores_the_best_epoch_of_a_scripted_validation_loss(tmp_path, mo
             result.loss = value
         return result
 
-    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    monkeypatch.setattr(plain, "evaluate", fake_evaluate)
     summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert summary["epochs_run"] == 4 and summary["stopped_early"]
     assert summary["best_epoch"] == 2 and summary["result_weights"] == "best epoch"

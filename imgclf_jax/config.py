@@ -20,16 +20,12 @@ from typing import Any, Iterator
 import ml_collections
 
 from imgclf_jax.errors import ConfigError
+from imgclf_jax.registry import check_unused_keys
 
-BUILDERS = ("competition", "folders", "digits")
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 PADDINGS = ("same", "valid")
-OPTIMIZERS = ("keras_adam", "adam", "adamw")
-SCHEDULES = ("constant", "exponential_decay")
 MONITORS = ("", "val_loss", "val_accuracy")
 KEEP_CHECKPOINTS = ("resume", "result")  # train.keep_checkpoints
-MAPPINGS = ("auto", "vmap", "unroll", "map")
-VOTES = ("majority", "soft")
 FAST_PATH_SETTINGS = ("auto", "on", "off")
 
 
@@ -83,17 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the environment variable IMGCLF_JAX_FAST_PATH=0 turns it off whatever this says.
     c.model.fast_path = "auto"
 
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.name = "keras_adam"  # 'keras_adam' (epsilon on the uncorrected root), 'adam' (optax), 'adamw'
-    c.optimizer.learning_rate = 1e-3  # initial learning rate
-    c.optimizer.b1 = 0.9
-    c.optimizer.b2 = 0.999
-    c.optimizer.eps = 1e-7  # Keras's default epsilon
-    c.optimizer.weight_decay = 0.0  # adamw only
-    c.optimizer.schedule = "constant"  # or 'exponential_decay' (Keras ExponentialDecay)
-    c.optimizer.decay_steps = 1  # optimizer updates (not epochs)
-    c.optimizer.decay_rate = 1.0  # lr = initial * rate ** (step / decay_steps); > 1 grows
-    c.optimizer.staircase = False
+    c.optimizer = optimizer_section()
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10
@@ -113,6 +99,44 @@ def base_config() -> ml_collections.ConfigDict:
     c.ensemble.mapping = "auto"
     c.ensemble.vote = "majority"  # rule for submission.csv and the confusion matrix: 'majority' or 'soft'
     return c
+
+
+def _union_of_keys(table: Any, taken: set[str]) -> dict[str, Any]:
+    """``{key: default}`` over the entries of `table` (in registration order).
+
+    Raises:
+      ValueError: two entries declare one key with different defaults, or a key is in `taken`
+        (a programming error in an entry, not a user's).
+    """
+    keys: dict[str, Any] = {}
+    for name in table:
+        for key, default in table[name].keys.items():
+            if key in taken or (key in keys and keys[key] != default):
+                raise ValueError(f"key '{key}' of {table.key}='{name}' clashes with another key of its section")
+            keys[key] = default
+    return keys
+
+
+def optimizer_section() -> ml_collections.ConfigDict:
+    """The ``optimizer`` section: name, learning_rate, schedule, and every key an optimizer or schedule reads.
+
+    Read from :data:`imgclf_jax.optim.OPTIMIZERS` and :data:`~imgclf_jax.optim.SCHEDULES` when called
+    (so an entry registered later, e.g. by a test, brings its keys): each entry declares the keys it
+    reads with their defaults (keras_adam, adam: b1, b2, eps; adamw: those and weight_decay;
+    exponential_decay: decay_steps, decay_rate, staircase). :func:`validate` refuses a key the chosen
+    entry does not read unless it is at its default.
+    """
+    from imgclf_jax import optim  # here: jax is slow to import, and optim never imports config
+
+    o = ml_collections.ConfigDict()
+    o.name = "keras_adam"  # an optim.OPTIMIZERS entry: 'keras_adam' (Keras's Adam), 'adam' (optax), 'adamw'
+    o.learning_rate = 1e-3  # initial learning rate
+    for key, default in _union_of_keys(optim.OPTIMIZERS, {"name", "learning_rate", "schedule"}).items():
+        o[key] = default
+    o.schedule = "constant"  # an optim.SCHEDULES entry: 'constant' or 'exponential_decay' (Keras's)
+    for key, default in _union_of_keys(optim.SCHEDULES, set(o.keys())).items():
+        o[key] = default
+    return o
 
 
 # --------------------------------------------------------------------------- keys
@@ -288,24 +312,19 @@ def check_schema(config: ml_collections.ConfigDict, source: str = "config") -> N
 
 # --------------------------------------------------------------------------- validation
 
-# Per builder: the data keys it ignores, each with the only value accepted (its "unset" value) and why.
-# Every other data key is used by every builder (data.num_classes: competition labels must lie in
-# 0..num_classes-1; folders must have num_classes class folders; 0 = infer, for both).
-IGNORED_DATA_KEYS = {
-    "digits": {
-        "dir": ("", "the digits are bundled with scikit-learn"),
-        "num_classes": ((0, 10), "the digits have 10 classes"),
-    },
-}
-
-
 def check_builder_keys(data: ml_collections.ConfigDict) -> None:
-    """Refuses a data key that the chosen builder would ignore, and a file builder without data.dir.
+    """Refuses an unknown data.builder, a data key the chosen builder would ignore, and a file builder
+    without data.dir (the rules are the :data:`imgclf_jax.data.builders.BUILDERS` entries' ``ignored_keys``).
 
     Raises:
-      ConfigError: one line naming the key, the builder and what to do.
+      ConfigError: one line naming the key, the builder and what to do (or the valid builders).
     """
-    for name, (accepted, why) in IGNORED_DATA_KEYS.get(data.builder, {}).items():
+    from imgclf_jax.data import builders  # here: tensorflow_datasets is slow to import
+
+    entry = builders.BUILDERS[data.builder]
+    folder_builders = " or ".join(name for name in builders.BUILDERS
+                                  if "dir" not in builders.BUILDERS[name].ignored_keys)
+    for name, (accepted, why) in entry.ignored_keys.items():
         value = data[name]
         accepted = accepted if isinstance(accepted, tuple) else (accepted,)
         if value not in accepted:
@@ -313,11 +332,36 @@ def check_builder_keys(data: ml_collections.ConfigDict) -> None:
                                 for a in accepted)
             raise ConfigError(
                 f"config key 'data.{name}' ({value!r}) is not used by data.builder='{data.builder}' "
-                f"({why}): set {shown}, or use data.builder=competition or folders to train on a folder")
-    if data.builder in ("competition", "folders") and not data.dir.strip():
+                f"({why}): set {shown}, or use data.builder={folder_builders} to train on a folder")
+    if "dir" not in entry.ignored_keys and not data.dir.strip():
         raise ConfigError(f"config key 'data.dir' must name the data folder for data.builder='{data.builder}' "
                           "(--config.data.dir=PATH)")
 
+
+def check_optimizer(o: ml_collections.ConfigDict) -> None:
+    """Checks the optimizer section against :data:`imgclf_jax.optim.OPTIMIZERS` and ``SCHEDULES``.
+
+    Order (today's): optimizer.name, learning_rate, the optimizer entries' value checks,
+    optimizer.schedule, the schedule entries' value checks (every key is checked, whatever the
+    choice), then the keys the chosen optimizer and schedule do not read, which must be at their
+    defaults (a setting that would be silently ignored is refused).
+
+    Raises:
+      ConfigError: one line naming the key (an unknown name lists the valid ones).
+    """
+    from imgclf_jax import optim  # here: jax is slow to import, and optim never imports config
+
+    chosen = optim.OPTIMIZERS[o.name]
+    if not o.learning_rate > 0:
+        raise ConfigError(f"config key 'optimizer.learning_rate' must be > 0, got {o.learning_rate!r}")
+    for name in optim.OPTIMIZERS:
+        optim.OPTIMIZERS[name].validate(o)
+    schedule = optim.SCHEDULES[o.schedule]
+    for name in optim.SCHEDULES:
+        optim.SCHEDULES[name].validate(o)
+    for table, entry, key in ((optim.OPTIMIZERS, chosen, "name"), (optim.SCHEDULES, schedule, "schedule")):
+        defaults = _union_of_keys(table, set())
+        check_unused_keys(o, "optimizer", defaults, set(entry.keys), f"optimizer.{key}={o[key]!r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -329,7 +373,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config key '{key}' must be {what}, got {parent[name]!r}")
 
     d, a, m, o, t = config.data, config.augment, config.model, config.optimizer, config.train
-    need(d.builder in BUILDERS, "data.builder", f"one of {BUILDERS}")
     check_builder_keys(d)
     need(d.image_size >= 1, "data.image_size", ">= 1 pixel")
     need(d.resize_method in RESIZE_METHODS, "data.resize_method", f"one of {RESIZE_METHODS}")
@@ -366,15 +409,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.side_pool_size >= 1, "model.side_pool_size", ">= 1")
     need(m.l2 >= 0, "model.l2", ">= 0")
     need(m.fast_path in FAST_PATH_SETTINGS, "model.fast_path", f"one of {FAST_PATH_SETTINGS}")
-    need(o.name in OPTIMIZERS, "optimizer.name", f"one of {OPTIMIZERS}")
-    need(o.learning_rate > 0, "optimizer.learning_rate", "> 0")
-    need(0 <= o.b1 < 1, "optimizer.b1", "in [0, 1)")
-    need(0 <= o.b2 < 1, "optimizer.b2", "in [0, 1)")
-    need(o.eps >= 0, "optimizer.eps", ">= 0")
-    need(o.weight_decay >= 0, "optimizer.weight_decay", ">= 0")
-    need(o.schedule in SCHEDULES, "optimizer.schedule", f"one of {SCHEDULES}")
-    need(o.decay_steps >= 1, "optimizer.decay_steps", ">= 1 update")
-    need(o.decay_rate > 0, "optimizer.decay_rate", "> 0")
+    check_optimizer(o)
     need(t.num_epochs >= 1, "train.num_epochs", ">= 1")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
@@ -383,5 +418,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     e = config.ensemble
     need(e.num_members >= 1, "ensemble.num_members", ">= 1 (1 = a plain run)")
     need(config.seed + e.num_members <= 2**32, "ensemble.num_members", "such that seed + num_members <= 2**32")
-    need(e.mapping in MAPPINGS, "ensemble.mapping", f"one of {MAPPINGS}")
-    need(e.vote in VOTES, "ensemble.vote", f"one of {VOTES}")
+    from imgclf_jax.ensemble import mapping, voting  # voting is light; mapping imports jax
+
+    mapping.MAPPINGS.get(e.mapping)  # ConfigError listing the valid names
+    voting.VOTES.get(e.vote)

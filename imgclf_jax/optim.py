@@ -11,19 +11,24 @@ updates (rates above 1 grow); categorical cross-entropy on a softmax output.
 - ``'adamw'``: ``optax.adamw``, decoupled weight decay (multiplied by the
   learning rate, optax's convention);
 - :func:`exponential_decay`: Keras's ``ExponentialDecay``;
+- :data:`OPTIMIZERS` / :data:`SCHEDULES`: the ``optimizer.name`` / ``optimizer.schedule``
+  tables; each entry declares the ``optimizer.*`` keys it reads, with defaults
+  and value checks (the config schema and its validation read them);
 - :func:`create_optimizer`: both from a config's ``optimizer`` section;
 - :func:`softmax_cross_entropy`: the masked mean loss (padded rows ignored).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Union
+import dataclasses
+from typing import Any, Callable, Mapping, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from imgclf_jax.errors import ConfigError
+from imgclf_jax.registry import Registry
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -138,42 +143,131 @@ def exponential_decay(
     return schedule
 
 
+# --------------------------------------------------------------------------- tables
+
+# A check of one optimizer-section key: key -> (ok(value) -> bool, what the value must be).
+Checks = Mapping[str, tuple[Callable[[Any], bool], str]]
+
+
+def _check_keys(optimizer_config: Any, checks: Checks) -> None:
+    for key, (ok, what) in checks.items():
+        value = optimizer_config[key]
+        if not ok(value):
+            raise ConfigError(f"config key 'optimizer.{key}' must be {what}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerEntry:
+    """One ``optimizer.name`` choice: how to build it and the optimizer-section keys it reads.
+
+    Attributes:
+      create: ``create(optimizer_config, learning_rate) -> optax.GradientTransformation``;
+        ``learning_rate`` is a float or a schedule of the updates so far (what the
+        schedule entry hands the optimizer, see :attr:`ScheduleEntry.constant`).
+      keys: ``{key: default}`` of the ``optimizer.*`` keys `create` reads (besides
+        ``learning_rate``); the config schema's optimizer section is the union of every
+        entry's keys, and a key the chosen entry does not read must stay at its default.
+      checks: ``{key: (ok(value), 'what it must be')}`` for keys of `keys`.
+    """
+
+    create: Callable[[Any, ScalarOrSchedule], optax.GradientTransformation]
+    keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checks: Checks = dataclasses.field(default_factory=dict)
+
+    def validate(self, optimizer_config: Any) -> None:
+        """Checks the values of this entry's keys. Raises ConfigError naming the key."""
+        _check_keys(optimizer_config, self.checks)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleEntry:
+    """One ``optimizer.schedule`` choice: how to build it and the optimizer-section keys it reads.
+
+    Attributes:
+      create: ``create(optimizer_config) -> schedule(step int[]) -> float32[]`` (step: updates so far).
+      keys: ``{key: default}`` of the ``optimizer.*`` keys `create` reads (besides
+        ``learning_rate``); as for :attr:`OptimizerEntry.keys`.
+      checks: ``{key: (ok(value), 'what it must be')}`` for keys of `keys`.
+      constant: True if the rate never changes: the optimizer then gets the float
+        ``optimizer.learning_rate`` itself, not the schedule (optax scales by a constant).
+    """
+
+    create: Callable[[Any], Callable[[jax.Array], jax.Array]]
+    keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checks: Checks = dataclasses.field(default_factory=dict)
+    constant: bool = False
+
+    def validate(self, optimizer_config: Any) -> None:
+        """Checks the values of this entry's keys. Raises ConfigError naming the key."""
+        _check_keys(optimizer_config, self.checks)
+
+
+OPTIMIZERS = Registry("optimizer.name")
+SCHEDULES = Registry("optimizer.schedule")
+
+_ADAM_KEYS = {"b1": 0.9, "b2": 0.999, "eps": 1e-7}  # Keras's defaults (epsilon 1e-7)
+_ADAM_CHECKS: Checks = {
+    "b1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": (lambda v: v >= 0, ">= 0"),
+}
+
+OPTIMIZERS.register("keras_adam", OptimizerEntry(
+    create=lambda o, lr: keras_adam(lr, b1=o.b1, b2=o.b2, eps=o.eps),
+    keys=_ADAM_KEYS, checks=_ADAM_CHECKS))
+OPTIMIZERS.register("adam", OptimizerEntry(
+    create=lambda o, lr: optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps, eps_root=0.0),
+    keys=_ADAM_KEYS, checks=_ADAM_CHECKS))
+OPTIMIZERS.register("adamw", OptimizerEntry(
+    create=lambda o, lr: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, eps_root=0.0,
+                                     weight_decay=o.weight_decay),
+    keys={**_ADAM_KEYS, "weight_decay": 0.0},  # decoupled, multiplied by the learning rate (optax)
+    checks={**_ADAM_CHECKS, "weight_decay": (lambda v: v >= 0, ">= 0")}))
+
+
+def _constant(o: Any) -> Callable[[jax.Array], jax.Array]:
+    lr = jnp.float32(o.learning_rate)
+    return lambda step: lr
+
+
+SCHEDULES.register("constant", ScheduleEntry(create=_constant, constant=True))
+SCHEDULES.register("exponential_decay", ScheduleEntry(
+    create=lambda o: exponential_decay(o.learning_rate, o.decay_steps, o.decay_rate, o.staircase),
+    # decay_steps: optimizer updates (not epochs); lr = initial * rate ** (step / decay_steps), > 1 grows
+    keys={"decay_steps": 1, "decay_rate": 1.0, "staircase": False},
+    checks={"decay_steps": (lambda v: v >= 1, ">= 1 update"), "decay_rate": (lambda v: v > 0, "> 0")}))
+
+
 def create_schedule(optimizer_config: Any) -> Callable[[jax.Array], jax.Array]:
-    """The learning-rate schedule of a config's ``optimizer`` section: ``schedule(step) -> float32[]``."""
-    o = optimizer_config
-    if o.schedule == "constant":
-        lr = jnp.float32(o.learning_rate)
-        return lambda step: lr
-    if o.schedule == "exponential_decay":
-        return exponential_decay(o.learning_rate, o.decay_steps, o.decay_rate, o.staircase)
-    raise ConfigError(f"config key 'optimizer.schedule' must be 'constant' or 'exponential_decay', "
-                      f"got {o.schedule!r}")
+    """The learning-rate schedule of a config's ``optimizer`` section: ``schedule(step) -> float32[]``.
+
+    Raises:
+      ConfigError: ``optimizer.schedule`` is not in :data:`SCHEDULES` (the message lists the names).
+    """
+    return SCHEDULES[optimizer_config.schedule].create(optimizer_config)
 
 
 def create_optimizer(optimizer_config: Any) -> tuple[optax.GradientTransformation, Callable]:
     """Builds the optimizer and its learning-rate schedule from a config's ``optimizer`` section.
 
-    ``name``: 'keras_adam' (:func:`keras_adam`), 'adam' (``optax.adam`` with
-    ``eps_root=0``) or 'adamw' (``optax.adamw`` with ``weight_decay``);
-    ``schedule``: 'constant' or 'exponential_decay' (:func:`exponential_decay`).
-    Every optimizer evaluates the schedule at the number of updates so far.
+    ``name`` picks an :data:`OPTIMIZERS` entry ('keras_adam': :func:`keras_adam`;
+    'adam': ``optax.adam`` with ``eps_root=0``; 'adamw': ``optax.adamw`` with
+    ``weight_decay``), ``schedule`` a :data:`SCHEDULES` entry ('constant' or
+    'exponential_decay': :func:`exponential_decay`). Every optimizer evaluates the
+    schedule at the number of updates so far.
 
     Returns:
       (the ``optax.GradientTransformation``, ``schedule(step) -> float32[]`` for logging).
+
+    Raises:
+      ConfigError: an unknown ``name`` or ``schedule`` (the message lists the names).
     """
     o = optimizer_config
-    schedule = create_schedule(o)
-    lr: ScalarOrSchedule = float(o.learning_rate) if o.schedule == "constant" else schedule
-    if o.name == "keras_adam":
-        tx = keras_adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    elif o.name == "adam":
-        tx = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps, eps_root=0.0)
-    elif o.name == "adamw":
-        tx = optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, eps_root=0.0, weight_decay=o.weight_decay)
-    else:
-        raise ConfigError(f"config key 'optimizer.name' must be one of ('keras_adam', 'adam', 'adamw'), "
-                          f"got {o.name!r}")
-    return tx, schedule
+    entry = OPTIMIZERS[o.name]
+    schedule_entry = SCHEDULES[o.schedule]
+    schedule = schedule_entry.create(o)
+    lr: ScalarOrSchedule = float(o.learning_rate) if schedule_entry.constant else schedule
+    return entry.create(o, lr), schedule
 
 
 # --------------------------------------------------------------------------- loss

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from imgclf_jax import cli, config as config_lib
+from imgclf_jax.data import builders
 from imgclf_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path):
 def test_help_prints_the_tools_documentation():
     done = run_tool("imgclf_jax.train", "--help")
     assert done.returncode == 0 and "python -m imgclf_jax.train --config configs/NAME.py" in done.stdout
-    for builder in config_lib.BUILDERS:  # train --help lists the builders and points to the keys
+    for builder in builders.BUILDERS:  # train --help lists the builders and points to the keys
         assert re.search(rf"^  {builder} ", done.stdout, re.M), builder
     assert "imgclf_jax/config.py" in done.stdout and "configs/folders.py" in done.stdout
 

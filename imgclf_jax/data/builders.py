@@ -19,6 +19,9 @@ array_record file or garbage bytes in one stop before training with one line
 naming the folder to delete. Folders prepared before manifests existed open
 unverified (their record counts are still checked). A full disk during
 preparation removes the temporary folder and says how much space is needed.
+
+:data:`BUILDERS` is the ``data.builder`` table (config validation checks the name
+and each entry's ignored data keys against it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -40,6 +44,7 @@ from imgclf_jax import disk, manifest, progress
 from imgclf_jax.data import scan as scan_lib
 from imgclf_jax.data.imageio import load_rgb
 from imgclf_jax.errors import ConfigError, DataError, UserError
+from imgclf_jax.registry import Registry
 
 _CHUNK = 256  # images decoded at once by the preparation thread pool
 
@@ -155,11 +160,32 @@ def scan_digits() -> scan_lib.Scan:
                          sources={"train": "scikit-learn's bundled 8x8 digits"})
 
 
-BUILDERS = {
-    "competition": (Competition, scan_lib.scan_competition),
-    "folders": (ClassFolders, scan_lib.scan_folders),
-    "digits": (Digits, lambda root, num_classes: scan_digits()),
-}
+@dataclasses.dataclass(frozen=True)
+class BuilderEntry:
+    """One ``data.builder`` choice.
+
+    Attributes:
+      builder_cls: the tfds builder class that writes and reads the prepared copy.
+      scan: ``scan(root, num_classes) -> Scan``: lists the examples (root = data.dir, '' when ignored).
+      ignored_keys: the data keys this builder does not read, each ``key -> (accepted, why)``:
+        the only value (or tuple of values) config validation accepts for it, and why it is unused.
+        Every other data key is read (data.num_classes: competition labels must lie in
+        0..num_classes-1; folders must have num_classes class folders; 0 = infer, for both).
+        A builder that reads ``dir`` needs it set.
+    """
+
+    builder_cls: type
+    scan: Callable[[str, int], scan_lib.Scan]
+    ignored_keys: Mapping[str, tuple[Any, str]] = dataclasses.field(default_factory=dict)
+
+
+BUILDERS = Registry("data.builder")
+BUILDERS.register("competition", BuilderEntry(Competition, scan_lib.scan_competition))
+BUILDERS.register("folders", BuilderEntry(ClassFolders, scan_lib.scan_folders))
+BUILDERS.register("digits", BuilderEntry(Digits, lambda root, num_classes: scan_digits(), ignored_keys={
+    "dir": ("", "the digits are bundled with scikit-learn"),
+    "num_classes": ((0, 10), "the digits have 10 classes"),
+}))
 
 
 @dataclasses.dataclass
@@ -233,7 +259,7 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
     """Scans `root`, prepares it into `cache_dir` if not already there, and opens it.
 
     Args:
-      builder: 'competition', 'folders' or 'digits' (config key data.builder).
+      builder: a :data:`BUILDERS` name: 'competition', 'folders' or 'digits' (config key data.builder).
       root: the data folder (config key data.dir); ignored for 'digits'.
       cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
       num_classes: data.num_classes; 0 = infer (competition: largest training label + 1;
@@ -242,12 +268,13 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
 
     Raises:
       DataError: from the scan (missing folder, malformed CSV, missing or corrupt image).
-      ConfigError: cache_dir lies inside the data folder.
+      ConfigError: cache_dir lies inside the data folder; an unknown builder (listing the names).
     """
-    builder_cls, scan_fn = BUILDERS[builder]
-    if builder == "digits":
+    entry = BUILDERS[builder]
+    builder_cls = entry.builder_cls
+    if "dir" in entry.ignored_keys:
         root = ""
-    scan = scan_fn(root, num_classes)
+    scan = entry.scan(root, num_classes)
     cache_dir = os.path.expanduser(cache_dir)
     if root and _is_inside(cache_dir, root):
         raise ConfigError(

@@ -1,6 +1,6 @@
 """How a per-member function runs over K stacked members inside one compiled step.
 
-Modes (``config.ensemble.mapping``):
+Modes (``config.ensemble.mapping``; the :data:`MAPPINGS` table):
 
 - ``'vmap'``: ``jax.vmap`` over the member axis. On GPU this batches the K
   members' convolutions into one grouped convolution, which is what wins there.
@@ -25,12 +25,30 @@ batched kernels are what wins; not measured here: no GPU was lent).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
-MODES = ("vmap", "unroll", "map")
+from imgclf_jax.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class MappingEntry:
+    """One ``ensemble.mapping`` choice.
+
+    Attributes:
+      map: ``map(fn, num_members, in_axes) -> mapped fn`` (see :func:`map_members`).
+      resolve: for an alias ('auto'): ``resolve(backend or None) -> the name it stands for``;
+        None for a mode that is itself.
+    """
+
+    map: Callable[[Callable, int, tuple[int | None, ...]], Callable]
+    resolve: Callable[[str | None], str] | None = None
+
+
+MAPPINGS = Registry("ensemble.mapping")
 
 
 def default_mapping(backend: str | None = None) -> str:
@@ -40,16 +58,13 @@ def default_mapping(backend: str | None = None) -> str:
 
 
 def resolve_mapping(mapping: str, backend: str | None = None) -> str:
-    """'auto' -> :func:`default_mapping`; any mode in MODES is returned as is.
+    """The mode a :data:`MAPPINGS` name stands for: 'auto' -> :func:`default_mapping`; a mode is itself.
 
     Raises:
-      ValueError: an unknown mode.
+      ConfigError: an unknown name (the message lists the valid ones).
     """
-    if mapping == "auto":
-        return default_mapping(backend)
-    if mapping not in MODES:
-        raise ValueError(f"unknown ensemble mapping {mapping!r}; expected 'auto' or one of {MODES}")
-    return mapping
+    entry = MAPPINGS[mapping]
+    return entry.resolve(backend) if entry.resolve else mapping
 
 
 def map_members(fn: Callable, mode: str, num_members: int, in_axes: Sequence[int | None]) -> Callable:
@@ -57,39 +72,52 @@ def map_members(fn: Callable, mode: str, num_members: int, in_axes: Sequence[int
 
     Args:
       fn: a per-member function of positional pytree arguments.
-      mode: 'vmap', 'unroll' or 'map' (see the module docstring).
+      mode: a :data:`MAPPINGS` name: 'vmap', 'unroll', 'map' or 'auto' (see the module docstring).
       num_members: K, the size of the member axis.
       in_axes: per argument, 0 (the argument is stacked: leading axis K) or None
         (shared by all members).
 
     Returns:
       A function of the same arguments whose outputs have a leading axis K.
+
+    Raises:
+      ConfigError: an unknown mode (the message lists the valid ones).
     """
-    in_axes = tuple(in_axes)
+    return MAPPINGS[mode].map(fn, num_members, tuple(in_axes))
 
-    def pick(args, i):
-        return [jax.tree.map(lambda x: x[i], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
 
-    if mode == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)
+def _pick(args, in_axes, i):
+    return [jax.tree.map(lambda x: x[i], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
 
-    if mode == "unroll":
-        def unrolled(*args):
-            outputs = [fn(*pick(args, i)) for i in range(num_members)]
-            return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
-        return unrolled
+def _vmap(fn: Callable, num_members: int, in_axes: tuple) -> Callable:
+    return jax.vmap(fn, in_axes=in_axes)
 
-    if mode == "map":
-        def mapped(*args):
-            stacked = [a for a, axis in zip(args, in_axes) if axis == 0]
 
-            def body(member_args: list[Any]):
-                it = iter(member_args)
-                return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
+def _unroll(fn: Callable, num_members: int, in_axes: tuple) -> Callable:
+    def unrolled(*args):
+        outputs = [fn(*_pick(args, in_axes, i)) for i in range(num_members)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outputs)
 
-            return jax.lax.map(body, stacked)
+    return unrolled
 
-        return mapped
 
-    raise ValueError(f"unknown ensemble mapping {mode!r}; expected one of {MODES}")
+def _lax_map(fn: Callable, num_members: int, in_axes: tuple) -> Callable:
+    def mapped(*args):
+        stacked = [a for a, axis in zip(args, in_axes) if axis == 0]
+
+        def body(member_args: list[Any]):
+            it = iter(member_args)
+            return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
+
+        return jax.lax.map(body, stacked)
+
+    return mapped
+
+
+MAPPINGS.register("auto", MappingEntry(
+    map=lambda fn, num_members, in_axes: map_members(fn, default_mapping(), num_members, in_axes),
+    resolve=default_mapping))
+MAPPINGS.register("vmap", MappingEntry(_vmap))
+MAPPINGS.register("unroll", MappingEntry(_unroll))
+MAPPINGS.register("map", MappingEntry(_lax_map))

@@ -6,15 +6,20 @@
   random: the reference line's attempt 3 broke ties at random
   (../shared/seed-attempts.md); here a rerun gives the same file.
 - Soft vote: the argmax of the mean probability over members.
+
+:data:`VOTES` is the ``ensemble.vote`` table (config validation checks names against it).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-RULES = ("majority", "soft")
+from imgclf_jax.registry import Registry
+
+VOTES = Registry("ensemble.vote")  # name -> vote(probabilities float[K, N, C]) -> int64[N]
 
 
+@VOTES.register("majority")
 def majority_vote(probabilities: np.ndarray) -> np.ndarray:
     """int64[N] majority-vote classes.
 
@@ -29,19 +34,16 @@ def majority_vote(probabilities: np.ndarray) -> np.ndarray:
     return np.where(tied, summed, -np.inf).argmax(-1)
 
 
+@VOTES.register("soft")
 def soft_vote(probabilities: np.ndarray) -> np.ndarray:
     """int64[N] soft-vote classes: argmax of the mean probability over members (probabilities: float[K, N, C])."""
     return probabilities.mean(0).argmax(-1)
 
 
 def vote(probabilities: np.ndarray, rule: str) -> np.ndarray:
-    """int64[N] classes by `rule` ('majority' or 'soft').
+    """int64[N] classes by `rule`, a :data:`VOTES` name ('majority' or 'soft'); probabilities: float[K, N, C].
 
     Raises:
-      ValueError: an unknown rule.
+      ConfigError: an unknown rule (the message lists the valid ones).
     """
-    if rule == "majority":
-        return majority_vote(probabilities)
-    if rule == "soft":
-        return soft_vote(probabilities)
-    raise ValueError(f"unknown vote rule {rule!r}; expected one of {RULES}")
+    return VOTES[rule](probabilities)

@@ -228,8 +228,9 @@ def profile_phases(config: Any, batch: int, image_size: int, repeats: int) -> li
     import optax
 
     from imgclf_jax import steps
+    from imgclf_jax.losses import softmax_cross_entropy
     from imgclf_jax.models import create_model, l2_penalty
-    from imgclf_jax.optim import create_optimizer, softmax_cross_entropy
+    from imgclf_jax.optim import create_optimizer
 
     model = create_model(config.model, NUM_CLASSES)
     tx, _ = create_optimizer(config.optimizer)

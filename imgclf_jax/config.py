@@ -57,11 +57,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.class_repeats = ()  # per-class repeat factor per epoch, e.g. (2, 2, 2, 2, 3); () = 1 each
     c.data.num_workers = 0  # grain worker processes (0 = in the main process); never changes batches
 
-    c.augment = ml_collections.ConfigDict()  # Keras ImageDataGenerator-equivalent; 0 = off
-    c.augment.rotation_deg = 0.0  # rotation angle uniform in [-r, r] degrees
-    c.augment.shift_fraction = 0.0  # each shift uniform in [-s, s] x image size (fraction of size)
-    c.augment.zoom_fraction = 0.0  # two zoom factors, one per axis, each uniform in [1-z, 1+z]
-    c.augment.horizontal_flip = False  # flip with probability 0.5, after the warp
+    from imgclf_jax.data import augment  # its op table supplies the augment keys
+
+    # Per-image ops applied in this order (imgclf_jax.data.augment.AUGMENT_OPS); the default is Keras
+    # ImageDataGenerator's warp then flip. Then every op's keys, each documented with its op; an op whose
+    # keys are all at their defaults is off (draws nothing):
+    #   keras_affine: rotation_deg (angle uniform in [-r, r] degrees), shift_fraction (each shift uniform in
+    #     [-s, s] x image size), zoom_fraction (two zoom factors, one per axis, each uniform in [1-z, 1+z]);
+    #   horizontal_flip: horizontal_flip (flip with probability 0.5).
+    c.augment = ml_collections.ConfigDict()
+    c.augment.ops = augment.DEFAULT_OPS
+    for key, default in augment.op_defaults().items():
+        c.augment[key] = default
+
+    c.loss = ml_collections.ConfigDict()  # the data term of the loss (imgclf_jax.losses.LOSSES)
+    c.loss.name = "softmax_cross_entropy"  # masked mean over the real rows; takes soft targets
 
     c.model = ml_collections.ConfigDict()  # one configurable branched CNN (see imgclf_jax.models)
     c.model.conv_filters = (32, 64, 128)  # main branch, one entry per conv layer
@@ -90,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     # 'resume': keep checkpoints/latest (what resuming or training further needs) and checkpoints/result;
     # 'result': once the run has finished, delete checkpoints/latest and keep only checkpoints/result.
     c.train.keep_checkpoints = "resume"
+    # Recipe slots ('' = off): a per-batch transform inside the train step (imgclf_jax.batch_transforms,
+    # e.g. MixUp) and an evaluation-time transform of the forward pass (imgclf_jax.eval_transforms,
+    # e.g. 'horizontal_flip_tta': mean softmax over the image and its mirror; validation, test, predict).
+    c.train.batch_transform = ""
+    c.train.eval_transform = ""
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -372,7 +387,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             parent, name = _lookup(config, key)
             raise ConfigError(f"config key '{key}' must be {what}, got {parent[name]!r}")
 
-    d, a, m, o, t = config.data, config.augment, config.model, config.optimizer, config.train
+    d, m, o, t = config.data, config.model, config.optimizer, config.train
     check_builder_keys(d)
     need(d.image_size >= 1, "data.image_size", ">= 1 pixel")
     need(d.resize_method in RESIZE_METHODS, "data.resize_method", f"one of {RESIZE_METHODS}")
@@ -390,9 +405,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
-    need(a.rotation_deg >= 0, "augment.rotation_deg", ">= 0 degrees")
-    need(0 <= a.shift_fraction < 1, "augment.shift_fraction", "in [0, 1)")
-    need(0 <= a.zoom_fraction < 1, "augment.zoom_fraction", "in [0, 1)")
+    validate_recipe(config)
     n = len(m.conv_filters)
     for key in ("conv_kernel_sizes", "conv_paddings", "conv_pools", "conv_dropouts"):
         need(len(m[key]) == n, f"model.{key}", f"of length {n} (one per conv_filters entry)")
@@ -422,3 +435,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     mapping.MAPPINGS.get(e.mapping)  # ConfigError listing the valid names
     voting.VOTES.get(e.vote)
+
+
+def validate_recipe(config: ml_collections.ConfigDict) -> None:
+    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots.
+
+    Raises:
+      ConfigError: one line naming the key: an unknown or repeated op, a key of an op not in
+        ``augment.ops`` away from its default, an op's value out of range, an unknown
+        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, or a loss that
+        cannot take the soft targets the batch transform makes.
+    """
+    from imgclf_jax import batch_transforms, eval_transforms, losses
+    from imgclf_jax.data import augment
+
+    augment.AugmentParams(**config.augment.to_dict())
+    losses.LOSSES.get(config.loss.name)
+    transform = batch_transforms.get(config.train.batch_transform)
+    losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
+                         config.train.batch_transform)
+    eval_transforms.get(config.train.eval_transform)

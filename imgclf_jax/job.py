@@ -38,7 +38,9 @@ class RunParts:
 
     data: the run's splits; model: the flax module (logits); tx, schedule: the optimizer and its
     learning-rate schedule (``schedule(step) -> float32[]``, step = updates so far); mesh: the
-    device mesh; memory: the figures of :func:`imgclf_jax.memory.check_fits`.
+    device mesh; memory: the figures of :func:`imgclf_jax.memory.check_fits`; loss_fn,
+    batch_transform, eval_transform: the recipe's hooks for the steps (:func:`imgclf_jax.steps.recipe_hooks`;
+    None = off).
     """
 
     data: splits.RunData
@@ -47,6 +49,9 @@ class RunParts:
     schedule: Callable
     mesh: jax.sharding.Mesh
     memory: dict
+    loss_fn: Callable
+    batch_transform: Callable | None
+    eval_transform: Callable | None
 
 
 class Job(abc.ABC):

@@ -14,7 +14,7 @@ import os
 
 import ml_collections
 
-from imgclf_jax import driver, memory, parallel, report, workdir_lock
+from imgclf_jax import driver, memory, parallel, report, steps, workdir_lock
 from imgclf_jax.data import splits
 from imgclf_jax.ensemble.job import EnsembleJob
 from imgclf_jax.job import RunParts
@@ -36,6 +36,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
       ConfigError, DataError: bad config, workdir or data; a model that does not fit the image or memory.
     """
     check_workdir(workdir, config, overwrite)
+    loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config)
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
     data = splits.load_run_data(config.data)
     model = create_model(config.model, data.num_classes)
@@ -46,7 +47,8 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     figures = memory.check_fits(member, config.ensemble.num_members, bool(config.train.early_stopping.monitor),
                                 list(mesh.devices.flat), config.data.image_size)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
-    return RunParts(data=data, model=model, tx=tx, schedule=schedule, mesh=mesh, memory=figures)
+    return RunParts(data=data, model=model, tx=tx, schedule=schedule, mesh=mesh, memory=figures,
+                    loss_fn=loss_fn, batch_transform=batch_transform, eval_transform=eval_transform)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> dict:

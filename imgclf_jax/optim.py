@@ -1,9 +1,9 @@
-"""Optimizers, learning-rate schedules and the loss, with Keras's semantics where they matter.
+"""Optimizers and learning-rate schedules, with Keras's semantics where they matter.
 
 Source: ``../shared/seed-attempts.md`` ("What every attempt shares"): Adam with
 beta1 0.9, beta2 0.999, epsilon 1e-7 in Keras's "epsilon hat" form;
 ``ExponentialDecay(initial, decay_steps, rate, staircase)`` counted in optimizer
-updates (rates above 1 grow); categorical cross-entropy on a softmax output.
+updates (rates above 1 grow).
 
 - :func:`keras_adam`: Keras's Adam, epsilon added to the *uncorrected*
   second-moment root (``optimizer.name = 'keras_adam'``, the reference configs);
@@ -14,8 +14,9 @@ updates (rates above 1 grow); categorical cross-entropy on a softmax output.
 - :data:`OPTIMIZERS` / :data:`SCHEDULES`: the ``optimizer.name`` / ``optimizer.schedule``
   tables; each entry declares the ``optimizer.*`` keys it reads, with defaults
   and value checks (the config schema and its validation read them);
-- :func:`create_optimizer`: both from a config's ``optimizer`` section;
-- :func:`softmax_cross_entropy`: the masked mean loss (padded rows ignored).
+- :func:`create_optimizer`: both from a config's ``optimizer`` section.
+
+The loss lives in :mod:`imgclf_jax.losses`.
 """
 
 from __future__ import annotations
@@ -269,29 +270,3 @@ def create_optimizer(optimizer_config: Any) -> tuple[optax.GradientTransformatio
     lr: ScalarOrSchedule = float(o.learning_rate) if schedule_entry.constant else schedule
     return entry.create(o, lr), schedule
 
-
-# --------------------------------------------------------------------------- loss
-
-
-def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the real rows of a padded batch.
-
-    Keras's categorical cross-entropy on a softmax output, computed from logits
-    (``optax.softmax_cross_entropy_with_integer_labels``) and averaged over the
-    rows where ``mask`` is True; padded rows contribute nothing, whatever their
-    logits (even NaN/inf).
-
-    Args:
-      logits: float[B, num_classes].
-      labels: int[B] class indices (any value in padded rows).
-      mask: bool[B], True for real rows.
-
-    Returns:
-      float32[]: sum of the real rows' losses / max(number of real rows, 1).
-    """
-    mask = jnp.asarray(mask, bool)
-    labels = jnp.where(mask, labels, 0)
-    logits = jnp.where(mask[:, None], logits.astype(jnp.float32), 0.0)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    total = jnp.sum(jnp.where(mask, losses, 0.0))
-    return total / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)

@@ -45,8 +45,10 @@ class PlainJob(Job):
         model, tx, mesh = parts.model, parts.tx, parts.mesh
         self.rep = parallel.replicated(mesh)
         self.init_key, self.dropout_key = jax.random.split(jax.random.key(config.seed))
-        self.train_step = steps.jit_train_step(model, tx, config.model.l2, mesh)
-        self.eval_step = steps.jit_eval_step(model, config.model.l2, mesh)
+        self.train_step = steps.jit_train_step(model, tx, config.model.l2, mesh, loss_fn=parts.loss_fn,
+                                               batch_transform=parts.batch_transform)
+        self.eval_step = steps.jit_eval_step(model, config.model.l2, mesh, loss_fn=parts.loss_fn,
+                                             eval_transform=parts.eval_transform)
         self.train = pipeline.train_pipeline(parts.data.train, config)
         es = config.train.early_stopping
         self.stopper = EarlyStopping(es.monitor, es.patience)

@@ -319,17 +319,19 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)),
                                            verified=True)  # result_metadata verified the folder
     checkpoints.close()
+    loss_fn, _, eval_transform = steps.recipe_hooks(config)  # the run's loss and evaluation transform
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
     if num_members == 1:
-        evaluation = evaluate(steps.jit_eval_step(model, config.model.l2, mesh), params, split, config, mesh,
-                                   desc="predict")
+        eval_step = steps.jit_eval_step(model, config.model.l2, mesh, loss_fn=loss_fn, eval_transform=eval_transform)
+        evaluation = evaluate(eval_step, params, split, config, mesh, desc="predict")
         return evaluation.probabilities, evaluation.predictions
     from imgclf_jax.ensemble import mapping, steps as ens_steps
     from imgclf_jax.ensemble.voting import vote
 
     mode = mapping.resolve_mapping(config.ensemble.mapping)
-    eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode)
+    eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, mode, loss_fn=loss_fn,
+                                        eval_transform=eval_transform)
     probabilities = evaluate(eval_step, params, split, config, mesh, desc="predict").probabilities
     return probabilities, vote(probabilities, config.ensemble.vote)
 

@@ -4,11 +4,18 @@ Batches follow :mod:`imgclf_jax.data.pipeline`: ``image: float32[B, H, W, 3]``
 in [0, 1], ``label: int32[B]``, ``mask: bool[B]`` (False on padding rows).
 
 Losses follow Keras's reporting conventions (../shared/seed-attempts.md): the
-loss is the softmax cross-entropy averaged over the real rows of the batch plus
-the L2 penalty of the kernels, in training and in evaluation alike. Metrics
+loss is the configured loss (:mod:`imgclf_jax.losses`; by default the softmax
+cross-entropy averaged over the real rows of the batch) plus the L2 penalty of
+the kernels, in training and in evaluation alike. Metrics
 are returned as sums (``loss_sum`` = loss x real rows, ``correct``, ``count``)
 so an epoch's running mean is sum / count, weighting each batch by its real
 rows as Keras's ``Mean`` tracker does.
+
+Recipe hooks (:func:`recipe_hooks` builds them from a config; None = off, the
+default, which gives bit-identical results to a step without them):
+``loss_fn`` (:mod:`imgclf_jax.losses`), ``batch_transform`` in the train step
+(:mod:`imgclf_jax.batch_transforms`) and ``eval_transform`` in the eval step
+(:mod:`imgclf_jax.eval_transforms`).
 """
 
 from __future__ import annotations
@@ -21,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from imgclf_jax import parallel
+from imgclf_jax import batch_transforms, eval_transforms, losses, parallel
 from imgclf_jax.models import l2_penalty
-from imgclf_jax.optim import softmax_cross_entropy
 
 
 @flax.struct.dataclass
@@ -53,8 +59,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _loss_and_metrics(logits, batch, penalty):
-    ce = softmax_cross_entropy(logits, batch["label"], batch["mask"])
+def _loss_and_metrics(logits, batch, penalty, loss_fn):
+    ce = loss_fn(logits, batch)
     loss = ce + penalty
     mask = batch["mask"].astype(jnp.float32)
     count = jnp.sum(mask)
@@ -63,7 +69,8 @@ def _loss_and_metrics(logits, batch, penalty):
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Module,
-               tx: optax.GradientTransformation, l2: float) -> tuple[TrainState, dict]:
+               tx: optax.GradientTransformation, l2: float, loss_fn: losses.LossFn | None = None,
+               batch_transform: batch_transforms.BatchTransformFn | None = None) -> tuple[TrainState, dict]:
     """One optimizer update on one batch.
 
     Args:
@@ -71,49 +78,99 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
       batch: a pipeline batch (see module docstring).
       key: the run's dropout key; this step's dropout uses ``fold_in(key, state.step)``.
       model, tx, l2: the model, the optimizer and the L2 factor (static).
+      loss_fn: ``loss(logits, batch) -> float32[]``; None = :data:`imgclf_jax.losses.DEFAULT`.
+      batch_transform: ``fn(batch, key) -> batch`` applied before the forward pass with key
+        :func:`imgclf_jax.batch_transforms.transform_key` of this step's dropout key (which is
+        itself unchanged); None = off.
 
     Returns:
       (new state, metrics with float32 sums ``loss_sum``, ``correct``, ``count``).
     """
+    loss_fn = losses.LOSSES[losses.DEFAULT].fn if loss_fn is None else loss_fn
     dropout_key = jax.random.fold_in(key, state.step)
+    if batch_transform is not None:
+        batch = batch_transform(batch, batch_transforms.transform_key(dropout_key))
 
-    def loss_fn(params):
+    def objective(params):
         logits = model.apply({"params": params}, batch["image"], train=True,
                              rngs={"dropout": dropout_key})
-        return _loss_and_metrics(logits, batch, l2_penalty(params, l2))
+        return _loss_and_metrics(logits, batch, l2_penalty(params, l2), loss_fn)
 
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    grads, metrics = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float) -> tuple[dict, jax.Array]:
+def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float, loss_fn: losses.LossFn | None = None,
+              eval_transform: eval_transforms.EvalTransformFn | None = None) -> tuple[dict, jax.Array]:
     """Evaluates one batch (dropout off).
+
+    Args:
+      loss_fn: as in :func:`train_step`.
+      eval_transform: ``fn(apply_logits, images) -> logits`` wrapping the forward pass (e.g.
+        test-time augmentation); None = off.
 
     Returns:
       (metrics as in :func:`train_step`, ``float32[B, num_classes]`` softmax probabilities).
     """
-    logits = model.apply({"params": params}, batch["image"], train=False)
-    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2))
+    loss_fn = losses.LOSSES[losses.DEFAULT].fn if loss_fn is None else loss_fn
+
+    def apply_logits(images):
+        return model.apply({"params": params}, images, train=False)
+
+    if eval_transform is None:
+        logits = apply_logits(batch["image"])
+    else:
+        logits = eval_transform(apply_logits, batch["image"])
+    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2), loss_fn)
     return metrics, jax.nn.softmax(logits, axis=-1)
 
 
-def jit_train_step(model, tx, l2: float, mesh) -> Callable:
-    """``train_step`` jit-compiled over `mesh`: state replicated and donated, batch split on B."""
+def jit_train_step(model, tx, l2: float, mesh, *, loss_fn=None, batch_transform=None) -> Callable:
+    """``train_step`` jit-compiled over `mesh`: state replicated and donated, batch split on B.
+
+    `loss_fn` and `batch_transform` as in :func:`train_step` (None = the default loss, no transform).
+    """
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(state, batch, key):
-        return train_step(state, batch, key, model=model, tx=tx, l2=l2)
+        return train_step(state, batch, key, model=model, tx=tx, l2=l2, loss_fn=loss_fn,
+                          batch_transform=batch_transform)
 
     return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def jit_eval_step(model, l2: float, mesh) -> Callable:
-    """``eval_step`` jit-compiled over `mesh`: params replicated, batch and probabilities split on B."""
+def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) -> Callable:
+    """``eval_step`` jit-compiled over `mesh`: params replicated, batch and probabilities split on B.
+
+    `loss_fn` and `eval_transform` as in :func:`eval_step` (None = the default loss, no transform).
+    """
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(params, batch):
-        return eval_step(params, batch, model=model, l2=l2)
+        return eval_step(params, batch, model=model, l2=l2, loss_fn=loss_fn, eval_transform=eval_transform)
 
     return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, split))
+
+
+def recipe_hooks(config: Any) -> tuple[losses.LossFn, batch_transforms.BatchTransformFn | None,
+                                       eval_transforms.EvalTransformFn | None]:
+    """(loss_fn, batch_transform, eval_transform) of a run's config, for the step functions above.
+
+    Reads ``loss.name``, ``train.batch_transform`` and ``train.eval_transform``; a key absent
+    (the config.json of a run made before these keys existed) counts as its default
+    ('softmax_cross_entropy', '' = off, '' = off). Off is returned as None.
+
+    Raises:
+      ConfigError: an unknown name, or a loss that cannot take the soft targets the chosen
+        batch transform makes (:func:`imgclf_jax.losses.check_targets`).
+    """
+    loss = config.get("loss") or {}
+    train = config.get("train") or {}
+    loss_name = loss.get("name", losses.DEFAULT)
+    transform_name = train.get("batch_transform", "")
+    entry = losses.LOSSES.get(loss_name)
+    transform = batch_transforms.get(transform_name)
+    losses.check_targets(loss_name, transform is not None and transform.makes_targets, transform_name)
+    return entry.fn, None if transform is None else transform.fn, eval_transforms.get(train.get("eval_transform", ""))

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from imgclf_jax.data.augment import AugmentParams, affine_matrix, random_augment, warp
+from imgclf_jax.data.augment import AUGMENT_OPS, AugmentOp, AugmentParams, affine_matrix, random_augment, warp
+from imgclf_jax.errors import ConfigError
 
 
 def ramp_image(h=6, w=6):
@@ -80,3 +81,120 @@ def test_dtype_range_and_determinism(seed):
     assert out.min() >= 0.0 and out.max() <= 255.0
     np.testing.assert_array_equal(out, again)
     assert not np.array_equal(out, image.astype(np.float32))
+
+
+# ----------------------------------------------------------------- ops in order (issue 14)
+
+
+def random_augment_before_issue14(image, rng, rotation_deg=0.0, shift_fraction=0.0, zoom_fraction=0.0,
+                                  horizontal_flip=False):
+    """random_augment as it was before augmentation became a list of ops (copied verbatim)."""
+    out = image.astype(np.float32)
+    height, width = out.shape[:2]
+    if rotation_deg or shift_fraction or zoom_fraction:
+        r, s, z = rotation_deg, shift_fraction, zoom_fraction
+        theta = rng.uniform(-r, r) if r else 0.0
+        shift_rows = rng.uniform(-s, s) * height if s else 0.0
+        shift_cols = rng.uniform(-s, s) * width if s else 0.0
+        zoom_rows, zoom_cols = rng.uniform(1 - z, 1 + z, 2) if z else (1.0, 1.0)
+        matrix = affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width)
+        out = warp(out, matrix)
+    if horizontal_flip and rng.random() < 0.5:
+        out = out[:, ::-1]
+    return np.ascontiguousarray(out)
+
+
+RANGES = [dict(rotation_deg=r, shift_fraction=s, zoom_fraction=z, horizontal_flip=f)
+          for r in (0.0, 20.0) for s in (0.0, 0.2) for z in (0.0, 0.3) for f in (False, True)]
+
+
+@pytest.mark.parametrize("ranges", RANGES, ids=lambda r: "-".join(k for k, v in r.items() if v) or "off")
+def test_default_ops_reproduce_the_keras_recipe_pixels_and_draws(ranges):
+    params = AugmentParams(**ranges)  # ops default: ('keras_affine', 'horizontal_flip')
+    assert params.ops == ("keras_affine", "horizontal_flip")
+    assert params.active == any(ranges.values())
+    for seed in range(4):
+        image = np.random.default_rng(100 + seed).integers(0, 256, (11, 9, 3)).astype(np.uint8)
+        rng_old, rng_new = np.random.default_rng(seed), np.random.default_rng(seed)
+        old = random_augment_before_issue14(image, rng_old, **ranges)
+        new = random_augment(image, rng_new, params)
+        assert new.dtype == np.float32 and new.flags["C_CONTIGUOUS"]
+        np.testing.assert_array_equal(new, old)
+        # The same number of draws: both generators are left in the same state.
+        assert rng_new.bit_generator.state == rng_old.bit_generator.state
+
+
+def test_flip_before_the_warp_is_a_different_and_correct_recipe():
+    ranges = dict(rotation_deg=30.0, shift_fraction=0.2, zoom_fraction=0.0, horizontal_flip=True)
+    reordered = AugmentParams(ops=("horizontal_flip", "keras_affine"), **ranges)
+    default = AugmentParams(**ranges)
+    image = np.random.default_rng(7).integers(0, 256, (10, 10, 3)).astype(np.uint8)
+    differs = 0
+    for seed in range(6):
+        out = random_augment(image, np.random.default_rng(seed), reordered)
+        # By hand: the flip draws first, then the warp draws theta and the two shifts.
+        rng = np.random.default_rng(seed)
+        flipped = image.astype(np.float32)[:, ::-1] if rng.random() < 0.5 else image.astype(np.float32)
+        theta, shift_rows, shift_cols = rng.uniform(-30, 30), rng.uniform(-0.2, 0.2) * 10, rng.uniform(-0.2, 0.2) * 10
+        expected = warp(flipped, affine_matrix(theta, shift_rows, shift_cols, 1.0, 1.0, 10, 10))
+        np.testing.assert_array_equal(out, expected)
+        differs += not np.array_equal(out, random_augment(image, np.random.default_rng(seed), default))
+    assert differs == 6  # other draws for the same seed: never the default's pixels here
+
+
+def test_an_op_not_listed_is_off_and_its_keys_must_stay_at_their_defaults():
+    image = np.random.default_rng(0).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    only_flip = AugmentParams(ops=("horizontal_flip",), horizontal_flip=True)
+    rng = np.random.default_rng(3)
+    out = random_augment(image, rng, only_flip)
+    expected = image[:, ::-1] if np.random.default_rng(3).random() < 0.5 else image
+    np.testing.assert_array_equal(out, expected.astype(np.float32))
+    assert not AugmentParams(ops=()).active
+    with pytest.raises(ConfigError, match=r"^config key 'augment.rotation_deg' \(5.0\) belongs to op "
+                                          r"'keras_affine', which augment.ops \(horizontal_flip\) does not list"):
+        AugmentParams(ops=("horizontal_flip",), rotation_deg=5.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ops=("keras_affine", "sharpen")),
+     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip'), got 'sharpen'"),
+    (dict(ops=("horizontal_flip", "keras_affine", "horizontal_flip")),
+     "config key 'augment.ops' lists 'horizontal_flip' twice (horizontal_flip, keras_affine, horizontal_flip): "
+     "each op runs at most once"),
+    (dict(rotaton_deg=3.0), "unknown config key 'augment.rotaton_deg'; valid keys in 'augment': ops, "
+                            "rotation_deg, shift_fraction, zoom_fraction, horizontal_flip"),
+    (dict(rotation_deg=-1.0), "config key 'augment.rotation_deg' must be >= 0 degrees, got -1.0"),
+    (dict(shift_fraction=1.0), "config key 'augment.shift_fraction' must be in [0, 1), got 1.0"),
+    (dict(zoom_fraction=-0.1), "config key 'augment.zoom_fraction' must be in [0, 1), got -0.1"),
+])
+def test_bad_recipes_are_one_line_config_errors(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        AugmentParams(**kwargs)
+    assert str(info.value) == message and "\n" not in message
+
+
+def test_a_registered_op_gets_its_key_in_the_config_and_runs_in_order():
+    from imgclf_jax import config as config_lib
+
+    def vertical_flip(image, rng, settings):
+        return image[::-1] if rng.random() < 0.5 else image
+
+    AUGMENT_OPS.register("vertical_flip", AugmentOp({"vertical_flip": False}, vertical_flip))
+    try:
+        c = config_lib.base_config()
+        assert c.augment.vertical_flip is False
+        for key, value in [("augment.ops", "keras_affine,horizontal_flip,vertical_flip"),
+                           ("augment.vertical_flip", "true"), ("augment.horizontal_flip", "true")]:
+            config_lib.apply_override(c, key, value)
+        config_lib.validate(c)
+        params = AugmentParams(**c.augment.to_dict())
+        image = np.random.default_rng(1).integers(0, 256, (6, 5, 3)).astype(np.uint8)
+        for seed in range(4):
+            rng = np.random.default_rng(seed)
+            expected = image.astype(np.float32)
+            expected = expected[:, ::-1] if rng.random() < 0.5 else expected
+            expected = expected[::-1] if rng.random() < 0.5 else expected
+            np.testing.assert_array_equal(random_augment(image, np.random.default_rng(seed), params), expected)
+    finally:
+        AUGMENT_OPS.unregister("vertical_flip")
+    assert "vertical_flip" not in config_lib.base_config().augment

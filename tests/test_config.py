@@ -251,3 +251,36 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
                          f"--config.data.cache_dir={tmp_path / 'cache'}", "--num_images", "4"])
     assert code == 0 and (tmp_path / "w" / "preview.png").stat().st_size > 0
     assert f"wrote {tmp_path / 'w' / 'preview.png'} (4 images)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.augment.ops=keras_affine,blur"],
+     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip'), got 'blur'"),
+    (["--config.augment.ops=keras_affine,keras_affine"],
+     "config key 'augment.ops' lists 'keras_affine' twice (keras_affine, keras_affine): each op runs at most once"),
+    (["--config.augment.ops=(horizontal_flip,)"],  # ml6 sets rotation_deg=20: it would be ignored
+     "config key 'augment.rotation_deg' (20.0) belongs to op 'keras_affine', which augment.ops (horizontal_flip) "
+     "does not list: add the op or leave the key at 0.0"),
+    (["--config.augment.zoom_fraction=1.5"], "config key 'augment.zoom_fraction' must be in [0, 1), got 1.5"),
+    (["--config.loss.name=focal"], "config key 'loss.name' must be one of ('softmax_cross_entropy',), got 'focal'"),
+    (["--config.train.batch_transform=mixup"],
+     "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
+    (["--config.train.eval_transform=five_crop"],
+     "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta',), got 'five_crop'"),
+])
+def test_recipe_names_are_checked_against_their_tables(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), *overrides])
+    assert str(info.value) == message
+
+
+def test_recipe_keys_default_to_today_and_override():
+    c = config_lib.base_config()
+    assert c.augment.ops == ("keras_affine", "horizontal_flip") and c.loss.name == "softmax_cross_entropy"
+    assert c.train.batch_transform == "" and c.train.eval_transform == ""
+    args = cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), "--config.augment.ops=horizontal_flip,keras_affine",
+                           "--config.train.eval_transform=horizontal_flip_tta"])
+    assert args.config.augment.ops == ("horizontal_flip", "keras_affine")
+    assert args.config.train.eval_transform == "horizontal_flip_tta"
+    args = cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.augment.ops=()"])
+    assert args.config.augment.ops == ()  # ml1 augments nothing: an empty list is valid

@@ -1,6 +1,19 @@
-"""Keras ImageDataGenerator-equivalent augmentation: one affine warp per image, then a flip.
+"""Per-image augmentation as an ordered list of named ops (config ``augment.ops``); default: Keras's recipe.
 
-Recipe (../shared/seed-attempts.md, and keras ``ImageDataGenerator.get_random_transform`` /
+The pipeline applies the ops of ``augment.ops`` in order to each training image
+(``float32[H, W, 3]`` in [0, 255], already resized), all drawing from the one
+per-image generator that grain seeds by (seed, position). Ops (:data:`AUGMENT_OPS`):
+
+- ``'keras_affine'`` (keys ``augment.rotation_deg``, ``shift_fraction``,
+  ``zoom_fraction``): one affine warp, Keras ``ImageDataGenerator``'s;
+- ``'horizontal_flip'`` (key ``augment.horizontal_flip``): mirror the columns
+  with probability 0.5.
+
+The default ``('keras_affine', 'horizontal_flip')`` is Keras's order (warp, then
+flip). An op whose keys are all at their defaults is off: it draws nothing and
+changes nothing, so the draws of the others do not move.
+
+Keras recipe (../shared/seed-attempts.md, and keras ``ImageDataGenerator.get_random_transform`` /
 ``apply_affine_transform``): per image draw a rotation angle theta uniform in
 [-r, r] degrees, a row (vertical) and a column (horizontal) shift each uniform
 in [-s, s] times the image height / width, and two zoom factors (rows,
@@ -22,38 +35,33 @@ order of operations that Keras 2's ``apply_affine_transform`` runs for
 (to float rounding; the centre is the current Keras's ``x/2 - 0.5``). The
 random numbers come from numpy's Philox generator seeded per image by grain,
 not from Keras's global numpy state, so the draws themselves differ.
+
+Adding an op is one entry (its keys appear in the ``augment`` config section)::
+
+    from imgclf_jax.data.augment import AUGMENT_OPS, AugmentOp
+
+    def vertical_flip(image, rng, settings):
+        return image[::-1] if rng.random() < 0.5 else image
+
+    AUGMENT_OPS.register("vertical_flip", AugmentOp({"vertical_flip": False}, vertical_flip))
+
+then ``--config.augment.ops=keras_affine,horizontal_flip,vertical_flip --config.augment.vertical_flip=true``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import scipy.ndimage as ndi
 
+from imgclf_jax.errors import ConfigError
+from imgclf_jax.registry import Registry
 
-@dataclasses.dataclass(frozen=True)
-class AugmentParams:
-    """Ranges of the random transform (config section ``augment``).
+DEFAULT_OPS = ("keras_affine", "horizontal_flip")  # Keras's order: the warp, then the flip
 
-    rotation_deg: degrees; shift_fraction: fraction of the image size;
-    zoom_fraction: z in [1-z, 1+z]; horizontal_flip: flip with probability 0.5.
-    """
-
-    rotation_deg: float = 0.0
-    shift_fraction: float = 0.0
-    zoom_fraction: float = 0.0
-    horizontal_flip: bool = False
-
-    @property
-    def warps(self) -> bool:
-        """Whether any affine range is non-zero (the warp runs)."""
-        return bool(self.rotation_deg or self.shift_fraction or self.zoom_fraction)
-
-    @property
-    def active(self) -> bool:
-        """Whether augmentation changes anything (warp or flip)."""
-        return self.warps or self.horizontal_flip
+OpFn = Callable[[np.ndarray, np.random.Generator, Mapping[str, Any]], np.ndarray]
 
 
 def affine_matrix(
@@ -96,27 +104,166 @@ def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     return np.stack(channels, axis=-1)
 
 
+
+
+# --------------------------------------------------------------------------- the ops table
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list)) and tuple(value) == tuple(default)
+    return value == default
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOp:
+    """One per-image op of :data:`AUGMENT_OPS`.
+
+    Attributes:
+      defaults: ``{key: default}``, the op's keys in the ``augment`` config section. The defaults
+        mean "off": with every key at its default the op is skipped (draws nothing).
+      apply: ``apply(image float32[H, W, 3] in [0, 255], rng, settings) -> float32[H', W', 3]``
+        in [0, 255], where ``settings`` is ``{key: value}`` of the op's keys; called only when
+        some key differs from its default. All randomness must come from ``rng`` (numpy).
+      check: ``check(settings)`` raising ConfigError naming ``augment.KEY`` for a value out of
+        range; None = every value of the right type is valid.
+    """
+
+    defaults: Mapping[str, Any]
+    apply: OpFn
+    check: Callable[[Mapping[str, Any]], None] | None = None
+
+    def is_active(self, settings: Mapping[str, Any]) -> bool:
+        """Whether some key of the op differs from its default (the op runs)."""
+        return any(not _same(settings[k], d) for k, d in self.defaults.items())
+
+
+AUGMENT_OPS = Registry("augment.ops")
+
+
+def _need(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config key 'augment.{key}' must be {what}, got {value!r}")
+
+
+def _check_keras_affine(s: Mapping[str, Any]) -> None:
+    _need(s["rotation_deg"] >= 0, "rotation_deg", ">= 0 degrees", s["rotation_deg"])
+    _need(0 <= s["shift_fraction"] < 1, "shift_fraction", "in [0, 1)", s["shift_fraction"])
+    _need(0 <= s["zoom_fraction"] < 1, "zoom_fraction", "in [0, 1)", s["zoom_fraction"])
+
+
+def keras_affine(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
+    """Keras's random affine warp (module docstring), ``float32[H, W, 3]`` -> same shape.
+
+    Settings: ``rotation_deg`` r (angle uniform in [-r, r] degrees), ``shift_fraction`` s (row and
+    column shifts each uniform in [-s, s] x the image height / width), ``zoom_fraction`` z (row
+    and column zoom factors each uniform in [1-z, 1+z]). Draws, in this order and only for the
+    non-zero ranges: theta, the row shift, the column shift, the two zoom factors.
+    """
+    r, s, z = settings["rotation_deg"], settings["shift_fraction"], settings["zoom_fraction"]
+    height, width = image.shape[:2]
+    theta = rng.uniform(-r, r) if r else 0.0
+    shift_rows = rng.uniform(-s, s) * height if s else 0.0
+    shift_cols = rng.uniform(-s, s) * width if s else 0.0
+    zoom_rows, zoom_cols = rng.uniform(1 - z, 1 + z, 2) if z else (1.0, 1.0)
+    return warp(image, affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width))
+
+
+def horizontal_flip(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
+    """Reverses the columns with probability 0.5 (one draw, ``rng.random() < 0.5``); shape unchanged."""
+    del settings  # called only when augment.horizontal_flip is True
+    return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+AUGMENT_OPS.register("keras_affine", AugmentOp(
+    {"rotation_deg": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0}, keras_affine, _check_keras_affine))
+AUGMENT_OPS.register("horizontal_flip", AugmentOp({"horizontal_flip": False}, horizontal_flip))
+
+
+def op_defaults() -> dict[str, Any]:
+    """``{key: default}`` of every registered op's keys, in registration order (the ``augment`` section)."""
+    return {key: default for name in AUGMENT_OPS for key, default in AUGMENT_OPS[name].defaults.items()}
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+class AugmentParams:
+    """The per-image recipe of the config section ``augment``: ops in order, with their settings.
+
+    ``AugmentParams(ops=DEFAULT_OPS, **settings)``, e.g. ``AugmentParams(**config.augment.to_dict())``
+    or ``AugmentParams(rotation_deg=10, horizontal_flip=True)``; a key not given is at its default.
+
+    Attributes:
+      ops: tuple of op names, in the order they run.
+      settings: ``{key: value}`` of every registered op's key (defaults filled in).
+
+    Raises:
+      ConfigError (one line, naming the key): an unknown op, an op listed twice, an unknown key,
+        a key of an op that `ops` does not list set away from its default (it would be silently
+        ignored), or a value out of its op's range.
+    """
+
+    def __init__(self, ops: tuple[str, ...] = DEFAULT_OPS, **settings: Any):
+        ops = tuple(ops)
+        entries = [AUGMENT_OPS.get(name) for name in ops]
+        for i, name in enumerate(ops):
+            if name in ops[:i]:
+                raise ConfigError(f"config key 'augment.ops' lists {name!r} twice ({', '.join(ops)}): "
+                                  "each op runs at most once")
+        defaults = op_defaults()
+        for key in settings:
+            if key not in defaults:
+                raise ConfigError(f"unknown config key 'augment.{key}'; valid keys in 'augment': "
+                                  f"ops, {', '.join(defaults)}")
+        full = {**defaults, **settings}
+        listed = {key for entry in entries for key in entry.defaults}
+        for name in AUGMENT_OPS:
+            for key, default in AUGMENT_OPS[name].defaults.items():
+                if key not in listed and not _same(full[key], default):
+                    raise ConfigError(
+                        f"config key 'augment.{key}' ({full[key]!r}) belongs to op {name!r}, which "
+                        f"augment.ops ({', '.join(ops) or 'empty'}) does not list: add the op or "
+                        f"leave the key at {default!r}")
+        steps = []
+        for entry in entries:
+            own = {key: full[key] for key in entry.defaults}
+            if entry.check is not None:
+                entry.check(own)
+            if entry.is_active(own):
+                steps.append((entry, own))
+        self.ops = ops
+        self.settings = full
+        self._steps = tuple(steps)
+
+    @property
+    def active(self) -> bool:
+        """Whether augmentation changes anything (some listed op is on)."""
+        return bool(self._steps)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AugmentParams) and (self.ops, self.settings) == (other.ops, other.settings)
+
+    def __hash__(self) -> int:
+        return hash((self.ops, tuple(sorted(self.settings.items()))))
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}={v!r}" for k, v in self.settings.items())
+        return f"AugmentParams(ops={self.ops!r}, {keys})"
+
+
 def random_augment(image: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
-    """Augments one image.
+    """Augments one image: the ops of `params` that are on, in order, all drawing from `rng`.
 
     Args:
       image: ``uint8[H, W, 3]`` (or float) pixels, 0..255, already resized.
       rng: the per-image generator (grain's ``random_map`` seeds it by pipeline seed and index).
-      params: the ranges.
+      params: the recipe.
 
     Returns:
-      ``float32[H, W, 3]`` in [0, 255]; with all ranges 0 and no flip, the input unchanged.
+      ``float32[H, W, 3]`` in [0, 255]; with every op off, the input unchanged (and nothing drawn).
     """
     out = image.astype(np.float32)
-    height, width = out.shape[:2]
-    if params.warps:
-        r, s, z = params.rotation_deg, params.shift_fraction, params.zoom_fraction
-        theta = rng.uniform(-r, r) if r else 0.0
-        shift_rows = rng.uniform(-s, s) * height if s else 0.0
-        shift_cols = rng.uniform(-s, s) * width if s else 0.0
-        zoom_rows, zoom_cols = rng.uniform(1 - z, 1 + z, 2) if z else (1.0, 1.0)
-        matrix = affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width)
-        out = warp(out, matrix)
-    if params.horizontal_flip and rng.random() < 0.5:
-        out = out[:, ::-1]
+    for entry, settings in params._steps:
+        out = entry.apply(out, rng, settings)
     return np.ascontiguousarray(out)

@@ -5,7 +5,7 @@ Training (one grain chain, indexed by the global row position ``i``)::
     MapDataset.range(num_epochs * steps_per_epoch * B)   # epoch e = i // (S*B), slot p = i % (S*B)
       .map(locate)       # slot p < N: resampled[shuffle_e(p)]; else a padding slot
       .map(load)         # decode the record, resize to data.image_size (PIL, data.resize_method)
-      .random_map(aug)   # Keras-equivalent warp + flip, seeded by (seed, i)
+      .random_map(aug)   # the augment.ops in order (default: Keras's warp, then flip), seeded by (seed, i)
       .map(finish)       # scale to [0, 1], label, mask
       .batch(B)          # global batch j = e * S + step
 
@@ -114,6 +114,8 @@ class _Load:
 
 @dataclasses.dataclass(frozen=True)
 class _Augment:
+    """Applies the recipe's ops (:func:`imgclf_jax.data.augment.random_augment`) to real rows, not padding."""
+
     params: AugmentParams
 
     def __call__(self, element: dict, rng: np.random.Generator) -> dict:

@@ -97,8 +97,10 @@ class EnsembleJob(Job):
         self.seeds = ens_steps.member_seeds(config.seed, k)
         self.init_keys, dropout_keys = ens_steps.member_keys(config.seed, k)
         self.dropout_keys = jax.device_put(dropout_keys, rep)
-        self.train_step = ens_steps.jit_train_step(model, tx, config.model.l2, mesh, self.mode, self.shared)
-        self.eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, self.mode)
+        self.train_step = ens_steps.jit_train_step(model, tx, config.model.l2, mesh, self.mode, self.shared,
+                                                   loss_fn=parts.loss_fn, batch_transform=parts.batch_transform)
+        self.eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, self.mode, loss_fn=parts.loss_fn,
+                                                 eval_transform=parts.eval_transform)
         if self.shared:
             self.train = pipeline.train_pipeline(parts.data.train, config)
         else:

@@ -60,8 +60,13 @@ def _all_finite(params: Any) -> jax.Array:
 
 
 def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, model, tx, l2: float,
-                        mode: str, shared_data: bool) -> tuple[EnsembleState, dict]:
+                        mode: str, shared_data: bool, loss_fn=None,
+                        batch_transform=None) -> tuple[EnsembleState, dict]:
     """One optimizer update of every active member.
+
+    `loss_fn` and `batch_transform` as in :func:`imgclf_jax.steps.train_step` (None = the default
+    loss, no transform); the transform runs per member, with that member's key (so with shared
+    data each member still draws its own transform).
 
     Returns:
       (new state, metrics with float32[K] sums ``loss_sum``, ``correct``, ``count``, and bool[K]
@@ -70,7 +75,8 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, m
       Members that did not update report their metrics but must not be counted (``updated`` False).
     """
     num_members = state.active.shape[0]
-    step_fn = functools.partial(steps.train_step, model=model, tx=tx, l2=l2)
+    step_fn = functools.partial(steps.train_step, model=model, tx=tx, l2=l2, loss_fn=loss_fn,
+                                batch_transform=batch_transform)
     mapped = map_members(step_fn, mode, num_members, (0, None if shared_data else 0, 0))
     new, metrics = mapped(state.members, batch, keys)
     finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite(new.params)
@@ -80,36 +86,42 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, m
     return EnsembleState(members=members, active=updated), dict(metrics, updated=updated, finite=finite, nan=nan)
 
 
-def ensemble_eval_step(params: Any, batch: dict, *, model, l2: float, mode: str) -> tuple[dict, jax.Array]:
+def ensemble_eval_step(params: Any, batch: dict, *, model, l2: float, mode: str, loss_fn=None,
+                       eval_transform=None) -> tuple[dict, jax.Array]:
     """Every member on one shared batch (dropout off).
+
+    `loss_fn` and `eval_transform` as in :func:`imgclf_jax.steps.eval_step` (None = off).
 
     Returns:
       (metrics with float32[K] sums as in :func:`imgclf_jax.steps.eval_step`,
       ``float32[K, B, num_classes]`` softmax probabilities).
     """
     num_members = jax.tree.leaves(params)[0].shape[0]
-    step_fn = functools.partial(steps.eval_step, model=model, l2=l2)
+    step_fn = functools.partial(steps.eval_step, model=model, l2=l2, loss_fn=loss_fn,
+                                eval_transform=eval_transform)
     return map_members(step_fn, mode, num_members, (0, None))(params, batch)
 
 
-def jit_train_step(model, tx, l2: float, mesh, mode: str, shared_data: bool) -> Callable:
+def jit_train_step(model, tx, l2: float, mesh, mode: str, shared_data: bool, *, loss_fn=None,
+                   batch_transform=None) -> Callable:
     """:func:`ensemble_train_step` compiled over `mesh`: state replicated and donated, batch split on B."""
     rep = parallel.replicated(mesh)
     split = parallel.batch_sharded(mesh) if shared_data else parallel.member_batch_sharded(mesh)
 
     def step(state, batch, keys):
         return ensemble_train_step(state, batch, keys, model=model, tx=tx, l2=l2, mode=mode,
-                                   shared_data=shared_data)
+                                   shared_data=shared_data, loss_fn=loss_fn, batch_transform=batch_transform)
 
     return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def jit_eval_step(model, l2: float, mesh, mode: str) -> Callable:
+def jit_eval_step(model, l2: float, mesh, mode: str, *, loss_fn=None, eval_transform=None) -> Callable:
     """:func:`ensemble_eval_step` compiled over `mesh`: probabilities ``[K, B, C]`` split on B."""
     rep = parallel.replicated(mesh)
 
     def step(params, batch):
-        return ensemble_eval_step(params, batch, model=model, l2=l2, mode=mode)
+        return ensemble_eval_step(params, batch, model=model, l2=l2, mode=mode, loss_fn=loss_fn,
+                                  eval_transform=eval_transform)
 
     return jax.jit(step, in_shardings=(rep, parallel.batch_sharded(mesh)),
                    out_shardings=(rep, parallel.member_batch_sharded(mesh)))

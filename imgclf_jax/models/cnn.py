@@ -15,7 +15,7 @@ one shape:
 - head: per ``dense_units[i]``: Dense -> ReLU -> [Dropout(dense_dropouts[i])];
   then ``Dense(num_classes)`` named ``logits``. The module returns logits: the
   Keras models' final softmax lives in the loss
-  (:func:`imgclf_jax.optim.softmax_cross_entropy`).
+  (:func:`imgclf_jax.losses.softmax_cross_entropy`).
 
 Keras semantics kept: kernels start glorot-uniform and biases zero (Keras's
 defaults; Flax's are lecun-normal); ``'SAME'``/``'VALID'`` padding is XLA's, which

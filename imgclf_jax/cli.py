@@ -114,9 +114,9 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None, workdir: b
     for key, value in overrides:
         config_lib.apply_override(config, key, value)
     config_lib.validate(config)
-    from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
+    from imgclf_jax import backend  # before jax starts its backends: XLA flags apply then
 
-    fast_path.configure_xla(config.model.fast_path)
+    backend.configure_xla(config.model.fast_path)
     if workdir is None:  # also for tools without --workdir: Args.workdir is then the default, unused
         workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
     return Args(config=config, config_path=config_path, workdir=workdir, extras=values)

@@ -19,6 +19,7 @@ from typing import Any, Iterator
 
 import ml_collections
 
+from imgclf_jax.backend import SETTINGS as FAST_PATH_SETTINGS
 from imgclf_jax.errors import ConfigError
 
 BUILDERS = ("competition", "folders", "digits")
@@ -30,7 +31,6 @@ MONITORS = ("", "val_loss", "val_accuracy")
 KEEP_CHECKPOINTS = ("resume", "result")  # train.keep_checkpoints
 MAPPINGS = ("auto", "vmap", "unroll", "map")
 VOTES = ("majority", "soft")
-FAST_PATH_SETTINGS = ("auto", "on", "off")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.dense_units = (256,)  # hidden dense layers of the head (the output layer is added)
     c.model.dense_dropouts = (0.0,)  # dropout rate after each hidden dense layer
     c.model.l2 = 0.0  # Keras L2 factor l: loss += l * sum(w**2) for every conv and hidden dense kernel
-    # Faster CPU ops with the same results (imgclf_jax.models.fast_path): 'auto' (on for CPU), 'on', 'off';
+    # Faster CPU ops with the same results (imgclf_jax.backend decides): 'auto' (on for CPU), 'on', 'off';
     # the environment variable IMGCLF_JAX_FAST_PATH=0 turns it off whatever this says.
     c.model.fast_path = "auto"
 

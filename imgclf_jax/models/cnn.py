@@ -38,8 +38,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import imgclf_jax.models.fast_path as fast_path_lib
+from imgclf_jax import backend
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models import fast_path as fast_path_lib
 
 LOGITS = "logits"  # the output layer's name; the one kernel without L2
 
@@ -175,7 +176,7 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
     """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes.
 
     ``model.fast_path`` ('auto' when absent, as in runs saved before it existed) is
-    resolved here, by :func:`imgclf_jax.models.fast_path.enabled`, for the current backend.
+    resolved here, by :func:`imgclf_jax.backend.enabled`, for the current backend.
     """
     m = model_config
     return BranchedCNN(
@@ -190,7 +191,7 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
         side_pool_size=int(m.side_pool_size),
         dense_units=tuple(int(u) for u in m.dense_units),
         dense_dropouts=tuple(float(r) for r in m.dense_dropouts),
-        fast_path=fast_path_lib.enabled(str(m.get("fast_path", "auto"))),
+        fast_path=backend.enabled(str(m.get("fast_path", "auto"))),
     )
 
 

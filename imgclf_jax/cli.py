@@ -111,8 +111,7 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None, workdir: b
     if config_path is None:
         raise ConfigError("--config configs/NAME.py is required")
     config = config_lib.load_config_file(config_path)
-    for key, value in overrides:
-        config_lib.apply_override(config, key, value)
+    config_lib.apply_overrides(config, overrides)  # model.name first: it rebuilds the model section
     config_lib.validate(config)
     from imgclf_jax import backend  # before jax starts its backends: XLA flags apply then
 

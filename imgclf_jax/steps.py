@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
     def loss_fn(params):
         logits = model.apply({"params": params}, batch["image"], train=True,
                              rngs={"dropout": dropout_key})
-        return _loss_and_metrics(logits, batch, l2_penalty(params, l2))
+        return _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model))
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -95,7 +95,7 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float) -> tuple
       (metrics as in :func:`train_step`, ``float32[B, num_classes]`` softmax probabilities).
     """
     logits = model.apply({"params": params}, batch["image"], train=False)
-    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2))
+    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model))
     return metrics, jax.nn.softmax(logits, axis=-1)
 
 

@@ -132,13 +132,15 @@ def model_section(name: str, common: Any = None) -> ml_collections.ConfigDict:
 
 def select_model(config: ml_collections.ConfigDict, name: str) -> None:
     """Makes `config` use model `name`: a new model rebuilds the ``model`` section (``model.l2`` and
-    ``model.fast_path`` kept, the new model's own keys at their defaults); the same name changes nothing.
+    ``model.fast_path`` kept, the new model's own keys at their defaults); the same name changes nothing
+    (unless the section does not have that model's keys, as after ``config.model.name = name`` in code).
 
     Raises:
       ConfigError: `name` is not registered (listing the registered names).
     """
-    if name != config.model.get("name"):
-        config.model = model_section(name, common=config.model)
+    section = model_section(name, common=config.model)
+    if name != config.model.get("name") or set(config.model.keys()) != set(section.keys()):
+        config.model = section
 
 
 def schema(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:

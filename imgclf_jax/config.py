@@ -6,6 +6,12 @@ Every config file under ``configs/`` is an ml_collections file: a module with
 an override can only change the value of an existing key, with a value of that
 key's type. Derived values (number of classes, steps per epoch) are computed in
 code from the data, never stored here.
+
+The ``model`` section is the chosen model's (:func:`model_section`): ``model.name``
+(a name of :data:`imgclf_jax.models.MODELS`), ``model.l2``, ``model.fast_path`` and
+that model's own keys. Changing ``model.name`` (in a config file, by an override, or
+with :func:`select_model` in code) gives the section of the new model, and the
+schema a config is checked against is the one of its ``model.name`` (:func:`schema`).
 """
 
 from __future__ import annotations

@@ -76,9 +76,9 @@ def main(argv: list[str]) -> int:
     from benchmarks.train_step import load_model_config
 
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
-    from imgclf_jax.models import fast_path
+    from imgclf_jax import backend
 
-    fast_path.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
+    backend.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
     batch, repeats = values["batch"] or 32, values["repeats"] or 3
     for model in (values["models"] or "ml1,ml6").split(","):
         config = load_model_config(model)

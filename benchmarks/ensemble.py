@@ -101,9 +101,9 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
 def main(argv: list[str]) -> int:
     """Runs the benchmark on command-line words `argv` (see the module docstring); returns the exit status."""
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
-    from imgclf_jax.models import fast_path
+    from imgclf_jax import backend
 
-    fast_path.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
+    backend.configure_xla()  # the XLA setting training uses (IMGCLF_JAX_FAST_PATH=0: jaxlib's default)
     members = [int(m) for m in (values["members"] or "1,2,4,8").split(",")]
     mappings = (values["mappings"] or "vmap,unroll,map").split(",")
     for mode in mappings:

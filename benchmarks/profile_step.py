@@ -322,9 +322,9 @@ def main(argv: list[str]) -> int:
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
     model = values["model"] or "ml1"
     config = load_model_config(model)
-    from imgclf_jax.models import fast_path
+    from imgclf_jax import backend
 
-    fast_path.configure_xla(config.model.fast_path)  # profile what training runs (IMGCLF_JAX_FAST_PATH=0: XLA's)
+    backend.configure_xla(config.model.fast_path)  # profile what training runs (IMGCLF_JAX_FAST_PATH=0: XLA's)
     batch = values["batch"] or 32
     image_size = values["image_size"] or config.data.image_size
     repeats = values["repeats"] or 5
@@ -337,7 +337,7 @@ def main(argv: list[str]) -> int:
         ("whole step", lambda: profile_phases(config, batch, image_size, repeats)),
         ("convs", lambda: profile_convs(convs, batch, repeats)),
         ("pooling", lambda: profile_pools(pool_shapes(config.model, image_size, NUM_CLASSES),
-                                          batch, repeats, fast=fast_path.enabled(config.model.fast_path))),
+                                          batch, repeats, fast=backend.enabled(config.model.fast_path))),
         ("dense layers", lambda: profile_dense(dense_shapes(config.model, image_size, NUM_CLASSES),
                                                batch, repeats)),
         ("profiler trace of the step", lambda: profile_trace(config, batch, image_size)),

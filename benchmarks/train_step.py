@@ -108,9 +108,9 @@ def measure_row(model: str, framework: str, settings: dict) -> dict:
            "batch": settings["batch"], "image_size": image_size}
     if framework.startswith("imgclf_jax"):
         from benchmarks import step_imgclf
-        from imgclf_jax.models import fast_path
+        from imgclf_jax import backend
 
-        fast_path.configure_xla(config.model.fast_path)  # as training sets it (off for imgclf_jax-xla)
+        backend.configure_xla(config.model.fast_path)  # as training sets it (off for imgclf_jax-xla)
 
         return {**row, **step_imgclf.measure_train_step(*args)}
     from benchmarks import step_keras

@@ -111,12 +111,11 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None, workdir: b
     if config_path is None:
         raise ConfigError("--config configs/NAME.py is required")
     config = config_lib.load_config_file(config_path)
-    for key, value in overrides:
-        config_lib.apply_override(config, key, value)
+    config_lib.apply_overrides(config, overrides)  # model.name first: it rebuilds the model section
     config_lib.validate(config)
-    from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
+    from imgclf_jax import backend  # before jax starts its backends: XLA flags apply then
 
-    fast_path.configure_xla(config.model.fast_path)
+    backend.configure_xla(config.model.fast_path)
     if workdir is None:  # also for tools without --workdir: Args.workdir is then the default, unused
         workdir = os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
     return Args(config=config, config_path=config_path, workdir=workdir, extras=values)

@@ -6,6 +6,12 @@ Every config file under ``configs/`` is an ml_collections file: a module with
 an override can only change the value of an existing key, with a value of that
 key's type. Derived values (number of classes, steps per epoch) are computed in
 code from the data, never stored here.
+
+The ``model`` section is the chosen model's (:func:`model_section`): ``model.name``
+(a name of :data:`imgclf_jax.models.MODELS`), ``model.l2``, ``model.fast_path`` and
+that model's own keys. Changing ``model.name`` (in a config file, by an override, or
+with :func:`select_model` in code) gives the section of the new model, and the
+schema a config is checked against is the one of its ``model.name`` (:func:`schema`).
 """
 
 from __future__ import annotations
@@ -19,14 +25,13 @@ from typing import Any, Iterator
 
 import ml_collections
 
+from imgclf_jax.backend import SETTINGS as FAST_PATH_SETTINGS
 from imgclf_jax.errors import ConfigError
 from imgclf_jax.registry import check_unused_keys
 
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
-PADDINGS = ("same", "valid")
 MONITORS = ("", "val_loss", "val_accuracy")
 KEEP_CHECKPOINTS = ("resume", "result")  # train.keep_checkpoints
-FAST_PATH_SETTINGS = ("auto", "on", "off")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -73,21 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()  # the data term of the loss (imgclf_jax.losses.LOSSES)
     c.loss.name = "softmax_cross_entropy"  # masked mean over the real rows; takes soft targets
 
-    c.model = ml_collections.ConfigDict()  # one configurable branched CNN (see imgclf_jax.models)
-    c.model.conv_filters = (32, 64, 128)  # main branch, one entry per conv layer
-    c.model.conv_kernel_sizes = (3, 3, 3)  # square kernels, pixels
-    c.model.conv_paddings = ("valid", "valid", "valid")  # 'same' or 'valid', Keras semantics
-    c.model.conv_pools = (True, True, True)  # 2x2 stride-2 max pool after the conv
-    c.model.conv_dropouts = (0.0, 0.0, 0.0)  # dropout rate after the conv (and pool)
-    c.model.side_filters = 0  # side branch from the input: Conv(side_filters); 0 = no side branch
-    c.model.side_kernel_size = 3
-    c.model.side_pool_size = 16  # side branch average pool, size = stride, pixels
-    c.model.dense_units = (256,)  # hidden dense layers of the head (the output layer is added)
-    c.model.dense_dropouts = (0.0,)  # dropout rate after each hidden dense layer
-    c.model.l2 = 0.0  # Keras L2 factor l: loss += l * sum(w**2) for every conv and hidden dense kernel
-    # Faster CPU ops with the same results (imgclf_jax.models.fast_path): 'auto' (on for CPU), 'on', 'off';
-    # the environment variable IMGCLF_JAX_FAST_PATH=0 turns it off whatever this says.
-    c.model.fast_path = "auto"
+    from imgclf_jax.models import DEFAULT_MODEL  # here: imports flax, and the models never import config
+
+    # model.name, model.l2, model.fast_path and the chosen model's own keys (see model_section)
+    c.model = model_section(DEFAULT_MODEL)
 
     c.optimizer = optimizer_section()
 
@@ -152,6 +146,90 @@ def optimizer_section() -> ml_collections.ConfigDict:
     for key, default in _union_of_keys(optim.SCHEDULES, set(o.keys())).items():
         o[key] = default
     return o
+
+
+def model_section(name: str, common: Any = None) -> ml_collections.ConfigDict:
+    """The ``model`` section of model `name`: ``model.name``, the model's own keys at their defaults
+    (its entry's ``config()``, :data:`imgclf_jax.models.MODELS`), then the keys common to every model.
+
+    Args:
+      name: a registered model name.
+      common: a model section whose ``l2`` and ``fast_path`` are kept (None: their defaults).
+
+    Raises:
+      ConfigError: `name` is not registered (one line listing the registered names).
+    """
+    from imgclf_jax.models import MODELS  # here: imports flax, and the models never import config
+
+    own = MODELS.get(name).config()
+    m = ml_collections.ConfigDict()
+    m.name = name  # the model family, one of imgclf_jax.models.MODELS ('branched_cnn': the reference CNN)
+    for key in own.keys():
+        m[key] = own[key]
+    m.l2 = 0.0  # Keras L2 factor l: loss += l * sum(w**2) for the model's regularized kernels
+    # Faster CPU ops with the same results (imgclf_jax.backend decides): 'auto' (on for CPU), 'on', 'off';
+    # the environment variable IMGCLF_JAX_FAST_PATH=0 turns it off whatever this says.
+    m.fast_path = "auto"
+    if common is not None:
+        m.l2, m.fast_path = common.l2, common.fast_path
+    return m
+
+
+def select_model(config: ml_collections.ConfigDict, name: str) -> None:
+    """Makes `config` use model `name`: a new model rebuilds the ``model`` section (``model.l2`` and
+    ``model.fast_path`` kept, the new model's own keys at their defaults); the same name changes nothing
+    (unless the section does not have that model's keys, as after ``config.model.name = name`` in code).
+
+    Raises:
+      ConfigError: `name` is not registered (listing the registered names).
+    """
+    section = model_section(name, common=config.model)
+    if name != config.model.get("name") or set(config.model.keys()) != set(section.keys()):
+        config.model = section
+
+
+def schema(config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+    """:func:`base_config` with the ``model`` section of `config`'s ``model.name`` (the default without one).
+
+    Raises:
+      ConfigError: an unknown ``model.name`` (listing the registered names).
+    """
+    base = base_config()
+    model = config.get("model") if config is not None else None
+    name = model.get("name") if isinstance(model, ml_collections.ConfigDict) else None
+    if isinstance(name, str) and name != base.model.name:
+        base.model = model_section(name)
+    return base
+
+
+def _settle_model_section(config: ml_collections.ConfigDict) -> None:
+    """A config file that sets ``model.name`` to another model gets that model's section.
+
+    The file starts from :func:`base_config` (the default model's keys) and may set the chosen
+    model's own keys: the default model's keys it left at their defaults are dropped, the chosen
+    model's keys it did not set are added at their defaults. A default model's key it changed
+    stays, so :func:`check_schema` refuses it (a setting the chosen model would ignore).
+    """
+    from imgclf_jax.models import DEFAULT_MODEL as default, MODELS
+
+    model = config.get("model")
+    if not isinstance(model, ml_collections.ConfigDict):
+        return
+    name = model.get("name")
+    if not isinstance(name, str) or name == default or name not in MODELS:
+        return  # check_schema reports a missing or unknown name
+    target, leftover = model_section(name), model_section(default)
+
+    def at_default(key):
+        value, base = model[key], leftover[key]
+        if isinstance(base, (tuple, list)):
+            return isinstance(value, (tuple, list)) and tuple(value) == tuple(base)
+        return type(value) is type(base) and value == base
+
+    values = {key: (model[key] if key in model else target[key]) for key in target.keys()}
+    values.update({key: model[key] for key in model.keys()
+                   if key not in target and not (key in leftover and at_default(key))})
+    config.model = ml_collections.ConfigDict(values)
 
 
 # --------------------------------------------------------------------------- keys
@@ -249,11 +327,28 @@ def _parse_value(key: str, text: str, current: Any) -> Any:
 def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     """Sets dotted `key` of `config` from the command-line string `text`.
 
+    ``model.name`` selects a model (:func:`select_model`: another name rebuilds the ``model``
+    section, so apply it before the overrides of that model's keys; :func:`apply_overrides` does).
+
     Raises:
-      ConfigError: unknown key (listing the valid ones) or a value of the wrong type.
+      ConfigError: unknown key (listing the valid ones), a value of the wrong type or an unknown
+        model name (listing the registered ones).
     """
+    if key == "model.name":
+        select_model(config, text.strip())
+        return
     parent, name = _lookup(config, key)
     parent[name] = _parse_value(key, text, parent[name])
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[tuple[str, str]]) -> None:
+    """Applies (KEY, VALUE) overrides in order, those of ``model.name`` first (they rebuild the section).
+
+    Raises:
+      ConfigError: as :func:`apply_override`.
+    """
+    for key, text in sorted(overrides, key=lambda pair: pair[0] != "model.name"):
+        apply_override(config, key, text)
 
 
 def available_configs(path: str) -> str:
@@ -301,13 +396,21 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"config file '{path}': get_config() failed: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file '{path}': get_config() must return an ml_collections.ConfigDict")
+    _settle_model_section(config)
     check_schema(config, source=path)
     return config
 
 
 def check_schema(config: ml_collections.ConfigDict, source: str = "config") -> None:
-    """Raises ConfigError if `config` has keys or value types other than base_config's."""
-    base = base_config()
+    """Raises ConfigError if `config` has keys or value types other than its :func:`schema`'s.
+
+    The ``model`` section is checked against the section of its ``model.name``: an unknown key
+    lists the valid keys of that model's section; an unknown name lists the registered models.
+    """
+    try:
+        base = schema(config)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
     have, want = set(leaf_keys(config)), set(leaf_keys(base))
     for key in sorted(have - want):
         raise ConfigError(f"{source}: {_unknown_key(key, base)}")
@@ -379,8 +482,28 @@ def check_optimizer(o: ml_collections.ConfigDict) -> None:
         check_unused_keys(o, "optimizer", defaults, set(entry.keys), f"optimizer.{key}={o[key]!r}")
 
 
+def _check_model_keys(m: ml_collections.ConfigDict) -> None:
+    """The ``model`` section has exactly the keys of its model (set in code without select_model?)."""
+    from imgclf_jax.models import DEFAULT_MODEL
+
+    name = m.get("name", DEFAULT_MODEL)
+    want = model_section(name)
+    have = set(m.keys())
+    for key in sorted(have - set(want.keys())):
+        raise ConfigError(f"config key 'model.{key}' is not a key of model.name='{name}'; valid keys in "
+                          f"'model': {', '.join('model.' + k for k in sorted(want.keys()))} (change "
+                          "model.name with config.select_model, which rebuilds the section)")
+    for key in sorted(set(want.keys()) - have):
+        raise ConfigError(f"config key 'model.{key}' is missing (model.name='{name}'; change model.name "
+                          "with config.select_model, which rebuilds the section)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks values for impossible settings; raises ConfigError naming the key."""
+    """Checks values for impossible settings; raises ConfigError naming the key.
+
+    The ``model`` section is checked by its model's entry (``model.name``, see :mod:`imgclf_jax.models`).
+    """
+    from imgclf_jax.models import model_entry
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
@@ -406,20 +529,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
     validate_recipe(config)
-    n = len(m.conv_filters)
-    for key in ("conv_kernel_sizes", "conv_paddings", "conv_pools", "conv_dropouts"):
-        need(len(m[key]) == n, f"model.{key}", f"of length {n} (one per conv_filters entry)")
-    need(n >= 1 and all(f >= 1 for f in m.conv_filters), "model.conv_filters", "ints >= 1")
-    need(all(k >= 1 for k in m.conv_kernel_sizes), "model.conv_kernel_sizes", "ints >= 1")
-    need(all(p in PADDINGS for p in m.conv_paddings), "model.conv_paddings", f"each in {PADDINGS}")
-    need(all(0 <= r < 1 for r in m.conv_dropouts), "model.conv_dropouts", "rates in [0, 1)")
-    need(len(m.dense_dropouts) == len(m.dense_units), "model.dense_dropouts",
-         f"of length {len(m.dense_units)} (one per dense_units entry)")
-    need(all(u >= 1 for u in m.dense_units), "model.dense_units", "ints >= 1")
-    need(all(0 <= r < 1 for r in m.dense_dropouts), "model.dense_dropouts", "rates in [0, 1)")
-    need(m.side_filters >= 0, "model.side_filters", ">= 0 (0 = no side branch)")
-    need(m.side_kernel_size >= 1, "model.side_kernel_size", ">= 1")
-    need(m.side_pool_size >= 1, "model.side_pool_size", ">= 1")
+    _check_model_keys(m)
+    model_entry(m).validate(m, d.image_size)  # the model's own keys (imgclf_jax.models.MODELS)
     need(m.l2 >= 0, "model.l2", ">= 0")
     need(m.fast_path in FAST_PATH_SETTINGS, "model.fast_path", f"one of {FAST_PATH_SETTINGS}")
     check_optimizer(o)

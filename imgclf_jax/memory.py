@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from imgclf_jax import steps
 from imgclf_jax.errors import ConfigError
+from imgclf_jax.models import entry_for
 
 GIB = 2.0**30
 HOST_PROCESS_BYTES = 2**30  # libraries, input pipeline, evaluation: measured 1.0-1.1 GiB RSS beside the step
@@ -36,13 +37,16 @@ class MemberMemory:
     """Bytes one member's training needs on one device (float32 everything).
 
     params: the parameters; opt_state: the optimizer state (Adam: 2 x params plus a counter);
-    temp: the train step's temporaries at `batch` images per device (activations, gradients).
+    temp: the train step's temporaries at `batch` images per device (activations, gradients);
+    model_keys: the model's keys that set its size (its entry's ``size_keys``), named in the advice
+    of :func:`check_fits`; not a figure, so not in :meth:`as_dict`.
     """
 
     params: int
     opt_state: int
     temp: int
     batch: int
+    model_keys: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
@@ -50,8 +54,9 @@ class MemberMemory:
         return self.params + self.opt_state + self.temp
 
     def as_dict(self) -> dict:
-        """The fields and the total, in bytes."""
-        return dict(dataclasses.asdict(self), total=self.total)
+        """The figures (params, opt_state, temp, batch) and the total, in bytes."""
+        return {"params": self.params, "opt_state": self.opt_state, "temp": self.temp, "batch": self.batch,
+                "total": self.total}
 
 
 def _nbytes(tree) -> int:
@@ -59,7 +64,11 @@ def _nbytes(tree) -> int:
 
 
 def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) -> MemberMemory:
-    """One member's memory on one device at `batch_per_device` images (see the module docstring)."""
+    """One member's memory on one device at `batch_per_device` images (see the module docstring).
+
+    `model` is a registered model's module (:func:`imgclf_jax.models.entry_for` gives the keys
+    that set its size, for the advice when it does not fit); `l2` its ``model.l2``.
+    """
     state = jax.eval_shape(lambda key: steps.create_train_state(model, tx, key, image_size),
                            jax.random.key(0))
     batch = {
@@ -71,7 +80,7 @@ def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) 
     analysis = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
     temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
     return MemberMemory(params=_nbytes(state.params), opt_state=_nbytes(state.opt_state), temp=temp,
-                        batch=batch_per_device)
+                        batch=batch_per_device, model_keys=tuple(entry_for(model).size_keys))
 
 
 def ensemble_need_bytes(member: MemberMemory, num_members: int, keeps_best: bool) -> int:
@@ -136,15 +145,16 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
     members = f"{num_members} members' " if num_members > 1 else ""
     fixed = num_members * (member.params + member.opt_state + (member.params if keeps_best else 0))
     image = f"data.image_size (now {image_size})" if image_size else "data.image_size"
+    keys = ", ".join(f"model.{key}" for key in member.model_keys) or "its model.* keys"
     if fixed >= free or not member.temp:
         advice = (f"the {members}weights and optimizer state alone need {fixed / GIB:.2f} GiB: use a smaller "
-                  "model (model.conv_filters, model.dense_units)"
+                  f"model ({keys})"
                   + (", or fewer ensemble.num_members" if num_members > 1 else "")
                   + f", or a smaller {image} (the dense layers grow with it)")
     else:
         fits = int((free - fixed) / (num_members * member.temp / member.batch))
         advice = (f"reduce train.batch_size (the step's temporaries grow with it: about {fits:,} images per "
                   f"device would fit, {member.batch:,} asked), or {image}, or the model "
-                  "(model.conv_filters, model.dense_units)"
+                  f"({keys})"
                   + (", or ensemble.num_members" if num_members > 1 else ""))
     raise ConfigError(f"{head}; {advice}")

@@ -357,9 +357,9 @@ def main(argv: list[str]) -> int:
         raise ConfigError(f"--out '{values['out']}' is a folder; give a file name")
     images = list_images(values["images"], values["image_dir"])
     ids, paths = images.ids, images.paths
-    from imgclf_jax.models import fast_path  # before jax starts its backends: XLA flags apply then
+    from imgclf_jax import backend  # before jax starts its backends: XLA flags apply then
 
-    fast_path.configure_xla()
+    backend.configure_xla()
     metadata = run_metadata(values["workdir"])
     class_names, num_members = metadata["class_names"], metadata.get("num_members", 1)
     if values["members"] and num_members == 1:

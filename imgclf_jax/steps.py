@@ -94,7 +94,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
     def objective(params):
         logits = model.apply({"params": params}, batch["image"], train=True,
                              rngs={"dropout": dropout_key})
-        return _loss_and_metrics(logits, batch, l2_penalty(params, l2), loss_fn)
+        return _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model), loss_fn)
 
     grads, metrics = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -123,7 +123,7 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float, loss_fn:
         logits = apply_logits(batch["image"])
     else:
         logits = eval_transform(apply_logits, batch["image"])
-    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2), loss_fn)
+    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model), loss_fn)
     return metrics, jax.nn.softmax(logits, axis=-1)
 
 

@@ -35,12 +35,12 @@ import json
 import math
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imgclf_jax import cli
+from imgclf_jax import cli, models
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models import cnn
 
 FLOPS_CONVENTION = (
     "forward pass, one image: 2 FLOPs per multiply-add of the conv and dense layers; "
@@ -53,12 +53,13 @@ def count_flops(model_config: Any, image_size: int, num_classes: int) -> int:
 
     2 FLOPs per multiply-add: a conv with output H x W x C_out and a k x k x C_in
     kernel counts 2 * H * W * k * k * C_in * C_out; a dense layer N -> M counts
-    2 * N * M. Everything else counts 0 (see :data:`FLOPS_CONVENTION`).
+    2 * N * M. Everything else counts 0 (see :data:`FLOPS_CONVENTION`). The multiply-adds are the
+    model's own (:func:`imgclf_jax.models.layer_specs`, by ``model.name``).
     """
-    return 2 * sum(row.macs for row in cnn.layer_specs(model_config, image_size, num_classes))
+    return 2 * sum(row.macs for row in models.layer_specs(model_config, image_size, num_classes))
 
 
-def param_counts(model: cnn.BranchedCNN, image_size: int) -> dict[str, int]:
+def param_counts(model: nn.Module, image_size: int) -> dict[str, int]:
     """``{layer name: parameter count}`` of the real module, from ``jax.eval_shape`` (no init)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
@@ -66,7 +67,7 @@ def param_counts(model: cnn.BranchedCNN, image_size: int) -> dict[str, int]:
             for name, layer in variables["params"].items()}
 
 
-def output_shape(model: cnn.BranchedCNN, image_size: int, batch: int = 1) -> tuple[int, ...]:
+def output_shape(model: nn.Module, image_size: int, batch: int = 1) -> tuple[int, ...]:
     """The real module's logits shape on ``float32[batch, image_size, image_size, 3]``."""
     images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), jnp.float32)
 
@@ -77,7 +78,7 @@ def output_shape(model: cnn.BranchedCNN, image_size: int, batch: int = 1) -> tup
     return tuple(jax.eval_shape(forward, jax.random.key(0), images).shape)
 
 
-def format_table(rows: list[cnn.LayerSpec]) -> str:
+def format_table(rows: list[models.LayerSpec]) -> str:
     """A plain-text table of `rows`: layer, branch, output shape, params, forward MFLOPs."""
     header = ("layer", "branch", "output shape", "params", "MFLOPs")
     body = [(r.name, r.branch, "x".join(str(d) for d in r.output_shape),
@@ -103,8 +104,8 @@ def main(argv: list[str]) -> int:
     if num_classes < 1:
         raise ConfigError(f"flag --num_classes must be >= 1, got {num_classes}")
     size = config.data.image_size
-    rows = cnn.layer_specs(config.model, size, num_classes)
-    model = cnn.create_model(config.model, num_classes)
+    rows = models.layer_specs(config.model, size, num_classes)  # the entry of model.name
+    model = models.create_model(config.model, num_classes)
 
     # The table is analytic; check it against the real module so it cannot drift.
     real = param_counts(model, size)
@@ -117,7 +118,8 @@ def main(argv: list[str]) -> int:
 
     num_params = sum(real.values())
     flops = count_flops(config.model, size, num_classes)
-    print(f"{args.config_path}: input {size}x{size}x3, {num_classes} classes, logits {list(logits)}")
+    print(f"{args.config_path}: model '{models.model_entry(config.model).name}', input {size}x{size}x3, "
+          f"{num_classes} classes, logits {list(logits)}")
     print(format_table(rows))
     print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward)")
 

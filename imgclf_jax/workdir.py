@@ -106,7 +106,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
     old = _flat(old)
     new = _flat(json.loads(json.dumps(config.to_dict())))
     # A key added to the schema after the run started counts as its default there.
-    defaults = _flat(json.loads(json.dumps(config_lib.base_config().to_dict())))
+    defaults = _flat(json.loads(json.dumps(config_lib.schema(config).to_dict())))  # of this config's model
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)

@@ -5,9 +5,9 @@ import os
 # Before jax is imported anywhere: tests run data-parallel code on 2 host devices.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-from imgclf_jax.models import fast_path  # noqa: E402  (imports jax, starts no backend)
+from imgclf_jax import backend  # noqa: E402  (imports no jax, starts no backend)
 
-fast_path.configure_xla()  # the XLA setting the command-line tools use, for in-process runs too
+backend.configure_xla()  # the XLA setting the command-line tools use, for in-process runs too
 
 import csv
 import pathlib

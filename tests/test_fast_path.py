@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from imgclf_jax import config as config_lib
+from imgclf_jax import backend
 from imgclf_jax.models import create_model, fast_path
 
 
@@ -63,7 +64,7 @@ def test_conv_relu_max_pool_equals_the_separate_layers_for_every_config_shape(co
 
 
 def test_fast_path_models_initialize_the_same_params(monkeypatch):
-    monkeypatch.delenv(fast_path.ENV, raising=False)
+    monkeypatch.delenv(backend.ENV, raising=False)
     c = config_lib.load_config_file("configs/ml6.py")
     images = jnp.zeros((1, 64, 64, 3))
     params = {}
@@ -76,22 +77,22 @@ def test_fast_path_models_initialize_the_same_params(monkeypatch):
 
 
 def test_one_place_decides_env_var_then_config_then_backend(monkeypatch):
-    monkeypatch.delenv(fast_path.ENV, raising=False)
-    assert fast_path.enabled("auto", "cpu") and not fast_path.enabled("auto", "gpu")
-    assert fast_path.enabled("on", "gpu") and not fast_path.enabled("off", "cpu")
-    monkeypatch.setenv(fast_path.ENV, "0")
-    assert not fast_path.enabled("on", "cpu")
-    monkeypatch.setenv(fast_path.ENV, "1")
-    assert fast_path.enabled("off", "gpu")
-    monkeypatch.setenv(fast_path.ENV, "maybe")
-    with pytest.raises(ValueError, match=fast_path.ENV):
-        fast_path.enabled("auto", "cpu")
+    monkeypatch.delenv(backend.ENV, raising=False)
+    assert backend.enabled("auto", "cpu") and not backend.enabled("auto", "gpu")
+    assert backend.enabled("on", "gpu") and not backend.enabled("off", "cpu")
+    monkeypatch.setenv(backend.ENV, "0")
+    assert not backend.enabled("on", "cpu")
+    monkeypatch.setenv(backend.ENV, "1")
+    assert backend.enabled("off", "gpu")
+    monkeypatch.setenv(backend.ENV, "maybe")
+    with pytest.raises(ValueError, match=backend.ENV):
+        backend.enabled("auto", "cpu")
 
 
 @pytest.mark.parametrize("name", ["ml1", "ml6"])
 def test_models_with_and_without_the_fast_path_give_the_same_loss_gradients(name, monkeypatch):
     """The whole reference model at a reduced size: same logits and parameter gradients."""
-    monkeypatch.delenv(fast_path.ENV, raising=False)
+    monkeypatch.delenv(backend.ENV, raising=False)
     c = config_lib.load_config_file(f"configs/{name}.py")
     c.model.fast_path = "off"
     slow = create_model(c.model, 5)
@@ -115,7 +116,7 @@ def test_models_with_and_without_the_fast_path_give_the_same_loss_gradients(name
 @pytest.mark.parametrize("config", ["ml1", "ml2", "ml4", "ml5", "ml6", "digits"])
 def test_every_reference_model_at_full_size_gives_the_same_gradients_with_the_fast_path(config, monkeypatch):
     """Every pool shape the configs use (odd sizes included): same loss and parameter gradients."""
-    monkeypatch.delenv(fast_path.ENV, raising=False)
+    monkeypatch.delenv(backend.ENV, raising=False)
     c = config_lib.load_config_file(f"configs/{config}.py")
     models = {}
     for setting in ("off", "on"):
@@ -193,14 +194,14 @@ def test_configure_xla_adds_the_cpu_flag_once_and_respects_the_user(monkeypatch)
     from jax._src import xla_bridge
 
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
-    monkeypatch.delenv(fast_path.ENV, raising=False)
+    monkeypatch.delenv(backend.ENV, raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
-    assert fast_path.configure_xla("auto")
-    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + fast_path.XLA_CPU_FLAG
-    assert not fast_path.configure_xla("auto")  # already there: not twice
+    assert backend.configure_xla("auto")
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 " + backend.XLA_CPU_FLAG
+    assert not backend.configure_xla("auto")  # already there: not twice
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert not fast_path.configure_xla("on")  # the user's own setting wins
+    assert not backend.configure_xla("on")  # the user's own setting wins
     monkeypatch.setenv("XLA_FLAGS", "")
-    assert not fast_path.configure_xla("off")
-    monkeypatch.setenv(fast_path.ENV, "0")
-    assert not fast_path.configure_xla("on") and os.environ["XLA_FLAGS"] == ""
+    assert not backend.configure_xla("off")
+    monkeypatch.setenv(backend.ENV, "0")
+    assert not backend.configure_xla("on") and os.environ["XLA_FLAGS"] == ""

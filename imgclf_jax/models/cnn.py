@@ -26,22 +26,28 @@ field, fan_in = k*k*C_in and fan_out = k*k*C_out, exactly as Keras computes them
 other axes as the receptive field), so the limit is sqrt(6 / (fan_in + fan_out)).
 
 Layer names are stable: ``conv_0``, ``conv_1``, ..., ``side_conv``, ``dense_0``,
-..., ``logits``. L2 (:func:`l2_penalty`) applies to every kernel but ``logits``'s.
+..., ``logits``. L2 (:func:`regularized_kernels`) applies to every kernel but ``logits``'s.
+
+Registered as ``model.name='branched_cnn'`` (:data:`ENTRY`, the default model): its own
+config keys are :func:`config`'s, checked by :func:`validate`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+import imgclf_jax.models.fast_path as fast_path_lib
+from imgclf_jax import backend
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models import fast_path as fast_path_lib
+from imgclf_jax.models.base import LayerSpec, ModelEntry, params_dict, register, require
 
 LOGITS = "logits"  # the output layer's name; the one kernel without L2
+PADDINGS = ("same", "valid")  # model.conv_paddings
 
 _KERNEL_INIT = nn.initializers.glorot_uniform()  # Keras 'glorot_uniform'
 _BIAS_INIT = nn.initializers.zeros  # Keras 'zeros'
@@ -175,7 +181,7 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
     """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes.
 
     ``model.fast_path`` ('auto' when absent, as in runs saved before it existed) is
-    resolved here, by :func:`imgclf_jax.models.fast_path.enabled`, for the current backend.
+    resolved here, by :func:`imgclf_jax.backend.enabled`, for the current backend.
     """
     m = model_config
     return BranchedCNN(
@@ -190,22 +196,18 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
         side_pool_size=int(m.side_pool_size),
         dense_units=tuple(int(u) for u in m.dense_units),
         dense_dropouts=tuple(float(r) for r in m.dense_dropouts),
-        fast_path=fast_path_lib.enabled(str(m.get("fast_path", "auto"))),
+        fast_path=backend.enabled(str(m.get("fast_path", "auto"))),
     )
 
 
 # --------------------------------------------------------------------------- L2
 
 
-def _params_dict(params: Any) -> Any:
-    """Accepts either the variables ``{'params': {...}}`` or the params tree itself."""
-    if hasattr(params, "keys") and set(params.keys()) == {"params"}:
-        return params["params"]
-    return params
-
-
 def regularized_kernels(params: Any) -> dict[str, jax.Array]:
     """The kernels Keras's ``kernel_regularizer=l2(l)`` covers: every conv and hidden dense, by layer name.
+
+    Biases and the output layer (``logits``) are not regularized, as in the
+    reference attempts 5 and 6 (``../shared/seed-attempts.md``).
 
     Args:
       params: the model's params tree (or its variables ``{'params': ...}``).
@@ -213,53 +215,11 @@ def regularized_kernels(params: Any) -> dict[str, jax.Array]:
     Returns:
       ``{layer name: kernel}`` for every layer with a kernel except ``logits``.
     """
-    return {name: layer["kernel"] for name, layer in _params_dict(params).items()
+    return {name: layer["kernel"] for name, layer in params_dict(params).items()
             if name != LOGITS and "kernel" in layer}
 
 
-def l2_penalty(params: Any, l2: float) -> jax.Array:
-    """Keras's L2 kernel regularization: ``l2 * sum(w**2)`` over :func:`regularized_kernels`.
-
-    Biases and the output layer (``logits``) are not regularized, as in the
-    reference attempts 5 and 6 (``../shared/seed-attempts.md``).
-
-    Args:
-      params: the model's params tree (or its variables ``{'params': ...}``).
-      l2: the factor l; a Python number (0 skips the sum) or a traced scalar.
-
-    Returns:
-      float32[] scalar, to add to the loss (0 when ``l2 == 0``).
-    """
-    if isinstance(l2, (int, float)) and l2 == 0:
-        return jnp.zeros((), jnp.float32)
-    total = sum(jnp.sum(jnp.square(k.astype(jnp.float32)))
-                for k in regularized_kernels(params).values())
-    return jnp.asarray(l2, jnp.float32) * total
-
-
 # --------------------------------------------------------------------------- shapes
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """One layer of the model, computed analytically from the config.
-
-    Attributes:
-      name: the param-tree name for layers with parameters (``conv_0``, ``logits``),
-        else a descriptive one (``pool_0``, ``flatten``).
-      kind: 'conv', 'max_pool', 'dropout', 'flatten', 'avg_pool', 'concat' or 'dense'.
-      output_shape: per-image output shape, (H, W, C) or (N,).
-      params: number of parameters (kernel + bias).
-      macs: multiply-accumulates per image (convs and dense layers only; 0 otherwise).
-      branch: 'main', 'side' or 'head'.
-    """
-
-    name: str
-    kind: str
-    output_shape: tuple[int, ...]
-    params: int
-    macs: int
-    branch: str
 
 
 def layer_specs(model_config: Any, image_size: int, num_classes: int) -> list[LayerSpec]:
@@ -321,3 +281,60 @@ def layer_specs(model_config: Any, image_size: int, num_classes: int) -> list[La
     rows.append(LayerSpec(LOGITS, "dense", (num_classes,), features * num_classes + num_classes,
                           features * num_classes, "head"))
     return rows
+
+
+# --------------------------------------------------------------------------- config
+
+
+def config() -> ml_collections.ConfigDict:
+    """The branched CNN's own ``model.*`` keys with their defaults (attempt 1's model)."""
+    m = ml_collections.ConfigDict()
+    m.conv_filters = (32, 64, 128)  # main branch, one entry per conv layer
+    m.conv_kernel_sizes = (3, 3, 3)  # square kernels, pixels
+    m.conv_paddings = ("valid", "valid", "valid")  # 'same' or 'valid', Keras semantics
+    m.conv_pools = (True, True, True)  # 2x2 stride-2 max pool after the conv
+    m.conv_dropouts = (0.0, 0.0, 0.0)  # dropout rate after the conv (and pool)
+    m.side_filters = 0  # side branch from the input: Conv(side_filters); 0 = no side branch
+    m.side_kernel_size = 3
+    m.side_pool_size = 16  # side branch average pool, size = stride, pixels
+    m.dense_units = (256,)  # hidden dense layers of the head (the output layer is added)
+    m.dense_dropouts = (0.0,)  # dropout rate after each hidden dense layer
+    return m
+
+
+def validate(model_config: Any, image_size: int) -> None:
+    """Refuses impossible values of the branched CNN's keys (one line naming the key).
+
+    The fit of the layers to `image_size` is :func:`layer_specs`'s check (the training
+    loop runs it before loading any data); `image_size` is not used here.
+
+    Raises:
+      ConfigError: ``config key 'model.K' must be ..., got V``.
+    """
+    m = model_config
+    n = len(m.conv_filters)
+    for key in ("conv_kernel_sizes", "conv_paddings", "conv_pools", "conv_dropouts"):
+        require(len(m[key]) == n, m, key, f"of length {n} (one per conv_filters entry)")
+    require(n >= 1 and all(f >= 1 for f in m.conv_filters), m, "conv_filters", "ints >= 1")
+    require(all(k >= 1 for k in m.conv_kernel_sizes), m, "conv_kernel_sizes", "ints >= 1")
+    require(all(p in PADDINGS for p in m.conv_paddings), m, "conv_paddings", f"each in {PADDINGS}")
+    require(all(0 <= r < 1 for r in m.conv_dropouts), m, "conv_dropouts", "rates in [0, 1)")
+    require(len(m.dense_dropouts) == len(m.dense_units), m, "dense_dropouts",
+            f"of length {len(m.dense_units)} (one per dense_units entry)")
+    require(all(u >= 1 for u in m.dense_units), m, "dense_units", "ints >= 1")
+    require(all(0 <= r < 1 for r in m.dense_dropouts), m, "dense_dropouts", "rates in [0, 1)")
+    require(m.side_filters >= 0, m, "side_filters", ">= 0 (0 = no side branch)")
+    require(m.side_kernel_size >= 1, m, "side_kernel_size", ">= 1")
+    require(m.side_pool_size >= 1, m, "side_pool_size", ">= 1")
+
+
+ENTRY = register(ModelEntry(
+    name="branched_cnn",
+    module_type=BranchedCNN,
+    config=config,
+    validate=validate,
+    create=create_model,
+    layer_specs=layer_specs,
+    regularized_kernels=regularized_kernels,
+    size_keys=("conv_filters", "dense_units"),
+))

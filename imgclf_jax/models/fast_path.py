@@ -1,14 +1,13 @@
-"""The CPU fast path: layer implementations whose gradients XLA:CPU computes slowly, and where to use them.
+"""The CPU fast path: layer implementations whose gradients XLA:CPU computes slowly.
 
-One place decides (:func:`enabled`): ``config.model.fast_path`` is 'auto' (on
-for the CPU backend, off elsewhere: on GPU, cuDNN's kernels already win),
-'on' or 'off'; the environment variable ``IMGCLF_JAX_FAST_PATH=0`` turns it
-off whatever the config says (``=1`` turns it on). The results do not change:
-every fast op computes the same values and gradients as the op it replaces
-(bit for bit for the max pool, the conv block's values and input/kernel
-gradients, and the dropout mask; to float rounding for the conv block's bias
-gradient and the average pool, see tests/test_fast_path.py), so a run may
-switch between them and resume.
+Where they are used is the backend policy's decision (:func:`imgclf_jax.backend.enabled`:
+``config.model.fast_path`` and the ``IMGCLF_JAX_FAST_PATH`` environment variable),
+which also sets the XLA:CPU flag that goes with them (:func:`imgclf_jax.backend.configure_xla`).
+The results do not change: every fast op computes the same values and gradients
+as the op it replaces (bit for bit for the max pool, the conv block's values and
+input/kernel gradients, and the dropout mask; to float rounding for the conv
+block's bias gradient and the average pool, see tests/test_fast_path.py), so a
+run may switch between them and resume.
 
 Ops:
 
@@ -40,13 +39,7 @@ Ops:
   three dropout masks of attempt 6's convs, each timed alone: 340 ms against
   22 ms; attempt 6's step: 22.2 -> 25.8 images/s.
 
-And one XLA:CPU setting, :data:`XLA_CPU_FLAG` (``XLA_FLAGS``, so it must be set
-before jax starts its backends; :func:`configure_xla` does that for the
-command-line tools): convolutions go to XLA's Eigen kernels instead of
-YNNPACK (jaxlib 0.12's default). With YNNPACK, conv kernel gradients ran at
-about 50 GFLOP/s on the 2-core EPYC (ml6's 5x5 32->70 layer: 1.19 s); with
-Eigen at about 220 (0.27 s), forwards and input gradients about as before.
-Dots stay on YNNPACK. The flag only affects the CPU compiler.
+The XLA:CPU flag for the convolutions is :data:`imgclf_jax.backend.XLA_CPU_FLAG`.
 
 Tried and left out (numbers in benchmarks/README.md, "CPU fast path"; rerun
 with ``python -m benchmarks.conv_kernel_gradient``): computing conv kernel
@@ -62,81 +55,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-from imgclf_jax.config import FAST_PATH_SETTINGS
-
-ENV = "IMGCLF_JAX_FAST_PATH"
-SETTINGS = FAST_PATH_SETTINGS  # the config key's values, defined with the schema
-
-
-def _env_setting() -> bool | None:
-    """``IMGCLF_JAX_FAST_PATH``: True (1/on), False (0/off) or None (unset).
-
-    Raises:
-      ValueError: any other value.
-    """
-    env = os.environ.get(ENV, "").strip().lower()
-    if not env:
-        return None
-    if env in ("0", "off", "false", "no"):
-        return False
-    if env in ("1", "on", "true", "yes"):
-        return True
-    raise ValueError(f"environment variable {ENV}={env!r}: expected 0 (off) or 1 (on)")
-
-
-def enabled(setting: str = "auto", backend: str | None = None) -> bool:
-    """Whether the fast path is used: the env var, then the config `setting`, then the backend.
-
-    Args:
-      setting: ``config.model.fast_path``: 'auto' (on for 'cpu'), 'on' or 'off'.
-      backend: the jax backend name (default: ``jax.default_backend()``).
-
-    Raises:
-      ValueError: an unknown `setting` or value of ``IMGCLF_JAX_FAST_PATH``.
-    """
-    forced = _env_setting()
-    if forced is not None:
-        return forced
-    if setting not in SETTINGS:
-        raise ValueError(f"fast_path setting {setting!r}: expected one of {SETTINGS}")
-    if setting != "auto":
-        return setting == "on"
-    return (backend or jax.default_backend()) == "cpu"
-
-
-XLA_CPU_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-
-
-def configure_xla(setting: str = "auto") -> bool:
-    """Adds :data:`XLA_CPU_FLAG` to ``XLA_FLAGS`` when the fast path may be on; returns whether it did.
-
-    Call before jax starts its backends (the tools call it before importing jax's users).
-    It is left out when ``IMGCLF_JAX_FAST_PATH=0``, when `setting` is 'off', when
-    ``XLA_FLAGS`` already sets ``xla_cpu_experimental_ynn_fusion_type`` (the user's
-    choice wins), or when jax's backends are already running (then it would not apply).
-    On non-CPU backends the flag changes nothing.
-    """
-    if _env_setting() is False or setting == "off":
-        return False
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_experimental_ynn_fusion_type" in flags:
-        return False
-    try:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            return False
-    except (ImportError, AttributeError):
-        pass
-    os.environ["XLA_FLAGS"] = f"{flags} {XLA_CPU_FLAG}".strip()
-    return True
 
 
 def avg_pool(x: jax.Array, size: int) -> jax.Array:

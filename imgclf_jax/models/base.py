@@ -1,0 +1,102 @@
+"""What every model family provides, and the table that names them: :class:`ModelEntry`, :data:`MODELS`.
+
+A model family is one module that registers one :class:`ModelEntry` in
+:data:`MODELS` under the name ``config.model.name`` selects (``'branched_cnn'``,
+:mod:`imgclf_jax.models.cnn`, is the default). The entry is the whole contract
+between a model and the rest of the package: the training loop, ``summary``,
+the fit check, the memory estimate, the L2 term and the config schema all go
+through it (by way of the helpers in :mod:`imgclf_jax.models`), never through a
+model class.
+
+This module imports no model, so a model module may import it without importing
+the package that imports the model modules (no import cycle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from imgclf_jax.errors import ConfigError
+from imgclf_jax.registry import Registry
+
+DEFAULT_MODEL = "branched_cnn"  # model.name when a config (an old config.json) has none
+
+# The keys every model section has, besides the model's own (their defaults are in imgclf_jax.config).
+COMMON_KEYS = ("name", "l2", "fast_path")
+
+MODELS = Registry("model.name")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """One layer of a model, computed analytically from the config (any model family's rows).
+
+    Attributes:
+      name: the param-tree name for layers with parameters (``conv_0``, ``logits``),
+        else a descriptive one (``pool_0``, ``flatten``).
+      kind: what the layer does, e.g. 'conv', 'max_pool', 'dropout', 'flatten', 'avg_pool',
+        'concat' or 'dense'.
+      output_shape: per-image output shape, (H, W, C) or (N,).
+      params: number of parameters (kernel + bias); the rows' params per ``name`` must equal the
+        real module's (``summary`` checks it).
+      macs: multiply-accumulates per image (convs and dense layers; 0 otherwise); FLOPs = 2 x macs.
+      branch: the part of the model the layer belongs to, e.g. 'main', 'side' or 'head'.
+    """
+
+    name: str
+    kind: str
+    output_shape: tuple[int, ...]
+    params: int
+    macs: int
+    branch: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    """One model family: everything the package needs from it, as functions of the ``model`` config section.
+
+    Attributes:
+      name: the ``model.name`` that selects it.
+      module_type: the flax module class that :attr:`create` returns (how :func:`imgclf_jax.models.entry_for`
+        finds the entry of a module).
+      config: ``() -> ml_collections.ConfigDict`` of the model's own keys with their defaults (flat, one
+        level; not the common keys ``model.name``, ``model.l2``, ``model.fast_path``).
+      validate: ``(model_config, image_size) -> None``; raises ConfigError naming the key
+        (``config key 'model.K' must be ..., got V``) for an impossible value.
+      create: ``(model_config, num_classes) -> flax module`` whose ``apply(variables, images
+        float32[B, H, W, 3], train=bool, rngs={'dropout': key})`` returns float32[B, num_classes] logits.
+      layer_specs: ``(model_config, image_size, num_classes) -> list[LayerSpec]``, the layers of the
+        module on image_size x image_size x 3 images; raises ConfigError when the image is too small.
+      regularized_kernels: ``(params) -> {layer name: kernel}``, the kernels ``model.l2`` applies to
+        (params: the params tree or the variables ``{'params': ...}``, see :func:`params_dict`).
+      size_keys: the model's keys that set its size, named when the memory check asks for a smaller
+        model (e.g. ``('conv_filters', 'dense_units')``).
+    """
+
+    name: str
+    module_type: type
+    config: Callable[[], Any]
+    validate: Callable[[Any, int], None]
+    create: Callable[[Any, int], Any]
+    layer_specs: Callable[[Any, int, int], list[LayerSpec]]
+    regularized_kernels: Callable[[Any], dict]
+    size_keys: tuple[str, ...] = ()
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    """Adds `entry` to :data:`MODELS` under ``entry.name``; returns it. ValueError if the name is taken."""
+    return MODELS.register(entry.name, entry)
+
+
+def params_dict(params: Any) -> Any:
+    """Accepts either the variables ``{'params': {...}}`` or the params tree itself; returns the tree."""
+    if hasattr(params, "keys") and set(params.keys()) == {"params"}:
+        return params["params"]
+    return params
+
+
+def require(ok: bool, model_config: Any, key: str, what: str) -> None:
+    """For a model's validate: raises ``ConfigError("config key 'model.KEY' must be WHAT, got VALUE")`` unless `ok`."""
+    if not ok:
+        raise ConfigError(f"config key 'model.{key}' must be {what}, got {model_config[key]!r}")

@@ -6,16 +6,9 @@ import os
 
 import numpy as np
 
+from imgclf_jax.models import describe_model
+
 MAX_CLASSES_SHOWN = 20  # more classes: the first ones, then how many more
-
-
-def _model_text(model_config) -> str:
-    m = model_config
-    parts = [f"conv {tuple(m.conv_filters)}"]
-    if m.side_filters:
-        parts.append(f"side branch {m.side_filters} filters")
-    parts.append(f"dense {tuple(m.dense_units)}")
-    return " + ".join(parts)
 
 
 def _row_lines(data) -> list[str]:
@@ -53,7 +46,7 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
         f"train: builder '{d.builder}', data.dir {path}, prepared in {prepared}",
         *_row_lines(data),
         f"  classes ({data.num_classes}; train rows each): {', '.join(shown)}",
-        f"  images {d.image_size}x{d.image_size} RGB; model {_model_text(config.model)}, {num_params:,} params"
+        f"  images {d.image_size}x{d.image_size} RGB; model {describe_model(config.model)}, {num_params:,} params"
         f"{members}; batch {config.train.batch_size} on {len(devices)} device(s) ({device_text}; "
         f"{per_device} each)",
         f"  workdir {workdir}: {start}",

@@ -7,12 +7,18 @@ with a decorator). The config names an entry; :meth:`Registry.get` resolves it,
 and :mod:`imgclf_jax.config` checks every name against the table that serves it,
 so a name is written once: where it is implemented.
 
-Example (a new schedule, one entry)::
+Example (a new vote rule, one entry; ``--config.ensemble.vote=geometric`` then works)::
 
-    from imgclf_jax.optim import SCHEDULES
+    import numpy as np
+    from imgclf_jax.ensemble.voting import VOTES
 
-    @SCHEDULES.register("my_schedule")
-    def my_schedule(o): ...
+    @VOTES.register("geometric")
+    def geometric_vote(probabilities):  # float32[K, N, C] -> int64[N]
+        return np.argmax(np.log(probabilities + 1e-12).sum(0), -1)
+
+Tables whose entries carry more than a function (their config keys, checks)
+hold small frozen dataclasses: ``optim.OptimizerEntry``, ``models.ModelEntry``,
+``data.augment.AugmentOp``, ``losses.LossEntry`` (README, "Extending").
 """
 
 from __future__ import annotations

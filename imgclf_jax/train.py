@@ -53,7 +53,7 @@ def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
         best = ", ".join("-" if m["best_val_accuracy"] is None else f"{m['best_val_accuracy']:.4f} (epoch "
                          f"{m['best_epoch']})" for m in members)
         vote = summary["vote"]
-        peak = vote[vote["rule"]].get("per_epoch_best")
+        peak = vote.get(vote["rule"], {}).get("per_epoch_best")  # majority and soft only
         peak = (f"; the per-epoch {vote['rule']} vote peaked at {peak['val_accuracy']:.4f} (epoch {peak['epoch']})"
                 if peak else "")
         at = vote.get("result", {}).get("members_at", "their best epochs")

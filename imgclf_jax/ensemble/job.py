@@ -39,7 +39,7 @@ from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import steps as ens_steps
 from imgclf_jax.ensemble.mapping import resolve_mapping
-from imgclf_jax.ensemble.voting import majority_vote, soft_vote, vote
+from imgclf_jax.ensemble.voting import VOTES, majority_vote, soft_vote, vote
 from imgclf_jax.errors import TrainingError
 from imgclf_jax.evaluation import evaluate, labelled_accuracy
 from imgclf_jax.job import Job, RunParts, count_params
@@ -240,6 +240,8 @@ def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool)
         best = int(np.argmax(per_epoch))
         out[name] = {"val_accuracy": votes[name],  # the result weights' vote
                      "per_epoch_best": {"epoch": history[best]["epoch"], "val_accuracy": per_epoch[best]}}
+    for name in votes:  # a rule registered beyond the two history.json tracks: its result vote only
+        out.setdefault(name, {"val_accuracy": votes[name]})
     return out
 
 
@@ -256,7 +258,8 @@ def _finish(config, workdir, data, params, progress, stoppers, nan_steps, num_pa
     })
     val = evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
     labels = data.validation.labels
-    votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in ("majority", "soft")}
+    # Every registered rule's vote (majority and soft first: history.json tracks those two per epoch).
+    votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in VOTES.names()}
     rule = config.ensemble.vote
     matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
     report.save_confusion_matrix(matrix, data.class_names, workdir,

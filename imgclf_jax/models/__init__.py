@@ -44,6 +44,7 @@ __all__ = [
     "LayerSpec",
     "ModelEntry",
     "create_model",
+    "describe_model",
     "entry_for",
     "l2_penalty",
     "layer_specs",
@@ -131,3 +132,12 @@ def l2_penalty(params: Any, l2: float, model: Any = None) -> jax.Array:
     total = sum(jnp.sum(jnp.square(k.astype(jnp.float32)))
                 for k in regularized_kernels(params, model).values())
     return jnp.asarray(l2, jnp.float32) * total
+
+
+def describe_model(model_config: Any) -> str:
+    """The model in a few words, for the start banner: its entry's ``describe``, else its name and own keys."""
+    entry = model_entry(model_config)
+    if entry.describe is not None:
+        return entry.describe(model_config)
+    own = ", ".join(f"{key} {model_config[key]!r}" for key in entry.config().keys())
+    return f"'{entry.name}'" + (f" ({own})" if own else "")

@@ -70,6 +70,8 @@ class ModelEntry:
         module on image_size x image_size x 3 images; raises ConfigError when the image is too small.
       regularized_kernels: ``(params) -> {layer name: kernel}``, the kernels ``model.l2`` applies to
         (params: the params tree or the variables ``{'params': ...}``, see :func:`params_dict`).
+      describe: ``(model_config) -> str``, the model in a few words for the start banner; None: the
+        model's name and its own keys with their values.
       size_keys: the model's keys that set its size, named when the memory check asks for a smaller
         model (e.g. ``('conv_filters', 'dense_units')``).
     """
@@ -82,6 +84,7 @@ class ModelEntry:
     layer_specs: Callable[[Any, int, int], list[LayerSpec]]
     regularized_kernels: Callable[[Any], dict]
     size_keys: tuple[str, ...] = ()
+    describe: Callable[[Any], str] | None = None
 
 
 def register(entry: ModelEntry) -> ModelEntry:

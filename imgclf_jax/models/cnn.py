@@ -328,6 +328,16 @@ def validate(model_config: Any, image_size: int) -> None:
     require(m.side_pool_size >= 1, m, "side_pool_size", ">= 1")
 
 
+def describe(model_config: Any) -> str:
+    """The banner's words for the model: ``conv (32, 64, 128) + [side branch N filters +] dense (256,)``."""
+    m = model_config
+    parts = [f"conv {tuple(m.conv_filters)}"]
+    if m.side_filters:
+        parts.append(f"side branch {m.side_filters} filters")
+    parts.append(f"dense {tuple(m.dense_units)}")
+    return " + ".join(parts)
+
+
 ENTRY = register(ModelEntry(
     name="branched_cnn",
     module_type=BranchedCNN,
@@ -337,4 +347,5 @@ ENTRY = register(ModelEntry(
     layer_specs=layer_specs,
     regularized_kernels=regularized_kernels,
     size_keys=("conv_filters", "dense_units"),
+    describe=describe,
 ))

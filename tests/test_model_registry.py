@@ -251,3 +251,15 @@ def test_entry_for_a_module_of_no_registered_model_is_a_type_error():
     with pytest.raises(TypeError, match=r"Dense is not the module of a registered model; registered: "
                                         r"BranchedCNN \(branched_cnn\)"):
         entry_for(nn.Dense(3))
+
+
+def test_the_banner_names_a_model_by_its_entry(one_conv):
+    from imgclf_jax.models import describe_model
+
+    c = config_lib.base_config()
+    assert describe_model(c.model) == "conv (32, 64, 128) + dense (256,)"  # the branched CNN's own words
+    c.model.side_filters = 8
+    assert describe_model(c.model) == "conv (32, 64, 128) + side branch 8 filters + dense (256,)"
+    config_lib.select_model(c, "one_conv")
+    c.model.features = 6
+    assert describe_model(c.model) == "'one_conv' (features 6, kernel_size 3)"  # no describe: name and own keys

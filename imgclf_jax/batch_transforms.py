@@ -28,7 +28,6 @@ from typing import Callable
 
 import jax
 
-from imgclf_jax.errors import ConfigError
 from imgclf_jax.registry import Registry
 
 # Folded into the step's dropout key to give the transform's key (an arbitrary constant: 'btfm').
@@ -51,7 +50,7 @@ class BatchTransform:
     makes_targets: bool
 
 
-BATCH_TRANSFORMS = Registry("train.batch_transform")
+BATCH_TRANSFORMS = Registry("train.batch_transform", off="")
 
 
 def transform_key(dropout_key: jax.Array) -> jax.Array:
@@ -65,9 +64,4 @@ def get(name: str) -> BatchTransform | None:
     Raises:
       ConfigError: an unknown name, listing the registered ones.
     """
-    if name == "":
-        return None
-    if name not in BATCH_TRANSFORMS:
-        raise ConfigError(f"config key 'train.batch_transform' must be '' (off) or one of "
-                          f"{BATCH_TRANSFORMS.names()}, got {name!r}")
-    return BATCH_TRANSFORMS[name]
+    return BATCH_TRANSFORMS.get(name)

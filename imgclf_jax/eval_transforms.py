@@ -25,13 +25,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from imgclf_jax.errors import ConfigError
 from imgclf_jax.registry import Registry
 
 ApplyLogits = Callable[[jax.Array], jax.Array]
 EvalTransformFn = Callable[[ApplyLogits, jax.Array], jax.Array]
 
-EVAL_TRANSFORMS = Registry("train.eval_transform")
+EVAL_TRANSFORMS = Registry("train.eval_transform", off="")
 
 
 @EVAL_TRANSFORMS.register("horizontal_flip_tta")
@@ -54,9 +53,4 @@ def get(name: str) -> EvalTransformFn | None:
     Raises:
       ConfigError: an unknown name, listing the registered ones.
     """
-    if name == "":
-        return None
-    if name not in EVAL_TRANSFORMS:
-        raise ConfigError(f"config key 'train.eval_transform' must be '' (off) or one of "
-                          f"{EVAL_TRANSFORMS.names()}, got {name!r}")
-    return EVAL_TRANSFORMS[name]
+    return EVAL_TRANSFORMS.get(name)

@@ -33,13 +33,15 @@ class Registry:
 
     Args:
       key: the dotted config key whose value names an entry (``'optimizer.name'``), used in errors.
+      off: for an optional slot, the value that means "off" (``''``): :meth:`get` returns None for it.
 
     Entries are added with :meth:`register` (as a decorator or a call); a name is registered once.
     Iteration follows registration order (the order choices are listed in errors and docs).
     """
 
-    def __init__(self, key: str):
+    def __init__(self, key: str, off: str | None = None):
         self.key = key
+        self.off = off  # the value that means "no entry" (a slot that is off), or None: every value names one
         self._entries: dict[str, Any] = {}
 
     def register(self, name: str, entry: Any = None) -> Any:
@@ -62,13 +64,16 @@ class Registry:
         del self._entries[name]
 
     def get(self, name: str) -> Any:
-        """The entry named `name`.
+        """The entry named `name` (None for the table's `off` value).
 
         Raises:
           ConfigError: no such entry: one line naming the config key and the valid names.
         """
+        if self.off is not None and name == self.off:
+            return None
         if name not in self._entries:
-            raise ConfigError(f"config key '{self.key}' must be one of {self.names()}, got {name!r}")
+            off = f"{self.off!r} (off) or " if self.off is not None else ""
+            raise ConfigError(f"config key '{self.key}' must be {off}one of {self.names()}, got {name!r}")
         return self._entries[name]
 
     def names(self) -> tuple[str, ...]:

@@ -1,7 +1,8 @@
 """Per-batch transforms by name (config key ``train.batch_transform``; '' = off, the default).
 
 A batch transform runs inside the jitted train step, on the device, before the
-forward pass: ``fn(batch, key) -> batch``. ``batch`` is the step's batch
+forward pass: ``fn(batch, key, num_classes) -> batch`` (``num_classes``: the run's class count,
+the width of any ``targets`` it makes). ``batch`` is the step's batch
 (``image float32[B, H, W, 3]`` in [0, 1], ``label int32[B]``, ``mask bool[B]``);
 the transform returns a batch of the same shapes and may add
 ``targets float32[B, num_classes]`` (soft labels, rows summing to 1; the loss then
@@ -14,7 +15,7 @@ Nothing is registered yet (MixUp and CutMix are planned). Adding one::
 
     from imgclf_jax.batch_transforms import BATCH_TRANSFORMS, BatchTransform
 
-    def mixup(batch, key): ...  # returns dict(batch, image=..., targets=...)
+    def mixup(batch, key, num_classes): ...  # returns dict(batch, image=..., targets=...)
 
     BATCH_TRANSFORMS.register("mixup", BatchTransform(mixup, makes_targets=True))
 
@@ -33,7 +34,7 @@ from imgclf_jax.registry import Registry
 # Folded into the step's dropout key to give the transform's key (an arbitrary constant: 'btfm').
 KEY_SALT = 0x6274666D
 
-BatchTransformFn = Callable[[dict, jax.Array], dict]
+BatchTransformFn = Callable[..., dict]  # fn(batch, key, num_classes) -> batch; the step calls it bound
 
 
 @dataclasses.dataclass(frozen=True)

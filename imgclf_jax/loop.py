@@ -36,9 +36,9 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
       ConfigError, DataError: bad config, workdir or data; a model that does not fit the image or memory.
     """
     check_workdir(workdir, config, overwrite)
-    loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config)
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
     data = splits.load_run_data(config.data)
+    loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config, data.num_classes)
     model = create_model(config.model, data.num_classes)
     tx, schedule = create_optimizer(config.optimizer)
     mesh = parallel.make_mesh(config.train.batch_size)

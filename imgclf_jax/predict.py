@@ -319,7 +319,7 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     params, _ = checkpoints.restore_result(ckpt_lib.abstract_like(abstract, parallel.replicated(mesh)),
                                            verified=True)  # result_metadata verified the folder
     checkpoints.close()
-    loss_fn, _, eval_transform = steps.recipe_hooks(config)  # the run's loss and evaluation transform
+    loss_fn, eval_transform = steps.eval_hooks(config)  # the run's loss and evaluation transform
     split = Split(source=FileSource(tuple(paths)), records=np.arange(len(paths)),
                   labels=np.full(len(paths), -1, np.int64), image_ids=list(ids))
     if num_members == 1:

@@ -71,7 +71,7 @@ def row(workdir: str) -> str:
 
 
 def ensemble_rows(workdir: str) -> list[str]:
-    """Markdown rows of a finished ensemble job: one per member, then the majority and soft votes."""
+    """Markdown rows of a finished ensemble job: one per member, then each vote rule's (majority, soft, ...)."""
     summary, history = _load(workdir, "summary.json"), _load(workdir, "history.json")
     name = os.path.basename(os.path.normpath(workdir))
     minutes = sum(h["seconds"] for h in history) / 60
@@ -83,7 +83,7 @@ def ensemble_rows(workdir: str) -> list[str]:
         acc = "-" if member["best_val_accuracy"] is None else f"{member['best_val_accuracy']:.4f}"
         out.append(f"| {name} member {i} (seed {member['seed']}) | {params} | {acc} | {member['best_epoch']} | "
                    f"{member['epochs_trained']} | {minutes:.1f} min | {speed} | {examples} |")
-    for rule in ("majority", "soft"):
+    for rule in [r for r in summary["vote"] if r not in ("rule", "result")]:  # majority, soft, any other rule
         out.append(f"| {name} {rule} vote | {summary['num_members']} x {params} | "
                    f"{summary['vote'][rule]['val_accuracy']:.4f} | - | {len(history)} | {minutes:.1f} min | "
                    f"{speed} | {examples} |")

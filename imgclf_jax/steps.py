@@ -20,6 +20,7 @@ default, which gives bit-identical results to a step without them):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -154,23 +155,43 @@ def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) 
     return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, split))
 
 
-def recipe_hooks(config: Any) -> tuple[losses.LossFn, batch_transforms.BatchTransformFn | None,
-                                       eval_transforms.EvalTransformFn | None]:
+def eval_hooks(config: Any) -> tuple[losses.LossFn, eval_transforms.EvalTransformFn | None]:
+    """(loss_fn, eval_transform) of a run's config: what evaluating its weights needs (predict).
+
+    Reads ``loss.name`` and ``train.eval_transform``; a key absent (the config.json of a run made
+    before these keys existed) counts as its default ('softmax_cross_entropy', '' = off = None).
+
+    Raises:
+      ConfigError: an unknown name.
+    """
+    loss = config.get("loss") or {}
+    train = config.get("train") or {}
+    return (losses.LOSSES.get(loss.get("name", losses.DEFAULT)).fn,
+            eval_transforms.get(train.get("eval_transform", "")))
+
+
+def recipe_hooks(config: Any, num_classes: int | None = None
+                 ) -> tuple[losses.LossFn, batch_transforms.BatchTransformFn | None,
+                            eval_transforms.EvalTransformFn | None]:
     """(loss_fn, batch_transform, eval_transform) of a run's config, for the step functions above.
 
-    Reads ``loss.name``, ``train.batch_transform`` and ``train.eval_transform``; a key absent
-    (the config.json of a run made before these keys existed) counts as its default
-    ('softmax_cross_entropy', '' = off, '' = off). Off is returned as None.
+    Reads ``loss.name``, ``train.batch_transform`` and ``train.eval_transform`` (absent keys count
+    as their defaults, see :func:`eval_hooks`); off is returned as None. The batch transform comes
+    bound to the run's `num_classes` (``fn(batch, key, num_classes=num_classes)``), so it can
+    make soft targets of the right width.
 
     Raises:
       ConfigError: an unknown name, or a loss that cannot take the soft targets the chosen
         batch transform makes (:func:`imgclf_jax.losses.check_targets`).
+      ValueError: a batch transform is chosen and `num_classes` is not given.
     """
-    loss = config.get("loss") or {}
-    train = config.get("train") or {}
-    loss_name = loss.get("name", losses.DEFAULT)
-    transform_name = train.get("batch_transform", "")
-    entry = losses.LOSSES.get(loss_name)
+    loss_fn, eval_transform = eval_hooks(config)
+    loss_name = (config.get("loss") or {}).get("name", losses.DEFAULT)
+    transform_name = (config.get("train") or {}).get("batch_transform", "")
     transform = batch_transforms.get(transform_name)
     losses.check_targets(loss_name, transform is not None and transform.makes_targets, transform_name)
-    return entry.fn, None if transform is None else transform.fn, eval_transforms.get(train.get("eval_transform", ""))
+    if transform is None:
+        return loss_fn, None, eval_transform
+    if num_classes is None:
+        raise ValueError(f"recipe_hooks needs num_classes for train.batch_transform={transform_name!r}")
+    return loss_fn, functools.partial(transform.fn, num_classes=int(num_classes)), eval_transform

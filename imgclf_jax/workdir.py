@@ -19,6 +19,7 @@ import ml_collections
 
 from imgclf_jax import config as config_lib
 from imgclf_jax.errors import ConfigError
+from imgclf_jax.models.base import COMMON_KEYS
 
 # Keys that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints")
@@ -110,6 +111,9 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if "model.name" in differing:  # another model family: its own keys are not comparable, so not listed
+        common = {f"model.{k}" for k in COMMON_KEYS}
+        differing = [k for k in differing if not k.startswith("model.") or k in common]
     if differing:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differing)
         raise ConfigError(

@@ -139,7 +139,7 @@ def test_every_augmentation_op_changes_images_and_feeds_a_finite_step(name):
 @pytest.mark.parametrize("name", batch_transforms.BATCH_TRANSFORMS.names())
 def test_every_batch_transform_gives_a_finite_step(name):
     c = _small_cnn(**{"train.batch_transform": name})
-    loss_fn, batch_transform, _ = steps.recipe_hooks(c)
+    loss_fn, batch_transform, _ = steps.recipe_hooks(c, NUM_CLASSES)
     _assert_trained(*_one_step(c, _batch(), loss_fn=loss_fn, batch_transform=batch_transform))
 
 
@@ -165,3 +165,16 @@ def test_the_tables_hold_what_the_reference_recipes_need():
     assert {"keras_affine", "horizontal_flip"} <= set(augment.AUGMENT_OPS.names())
     assert {"softmax_cross_entropy"} <= set(losses.LOSSES.names())
     assert {"horizontal_flip_tta"} <= set(eval_transforms.EVAL_TRANSFORMS.names())
+
+
+def test_an_op_without_keys_runs_whenever_it_is_listed():
+    augment.AUGMENT_OPS.register("invert_for_test", augment.AugmentOp({}, lambda image, rng, settings: 255.0 - image))
+    try:
+        image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+        params = augment.AugmentParams(ops=("keras_affine", "invert_for_test"))
+        assert params.active
+        out = augment.random_augment(image, np.random.default_rng(0), params)
+        np.testing.assert_array_equal(out, 255.0 - image.astype(np.float32))
+        assert not augment.AugmentParams(ops=("keras_affine",)).active  # its keys at their defaults: off
+    finally:
+        augment.AUGMENT_OPS.unregister("invert_for_test")

@@ -263,3 +263,17 @@ def test_the_banner_names_a_model_by_its_entry(one_conv):
     config_lib.select_model(c, "one_conv")
     c.model.features = 6
     assert describe_model(c.model) == "'one_conv' (features 6, kernel_size 3)"  # no describe: name and own keys
+
+
+def test_a_workdir_of_another_model_family_is_refused_naming_the_family(one_conv, tmp_path):
+    from imgclf_jax import report, workdir as workdir_lib
+
+    run = config_lib.base_config()
+    config_lib.select_model(run, "one_conv")
+    report.write_json(str(tmp_path / "config.json"), run.to_dict())
+    workdir_lib.check_workdir(str(tmp_path), run, overwrite=False)  # its own config: accepted (resumes)
+    with pytest.raises(ConfigError) as info:
+        workdir_lib.check_workdir(str(tmp_path), config_lib.base_config(), overwrite=False)
+    message = str(info.value)
+    assert "model.name ('one_conv' -> 'branched_cnn')" in message
+    assert "conv_filters" not in message and "features" not in message  # the families' own keys: not listed

@@ -64,14 +64,14 @@ def assert_trees_differ(a, b):
 @pytest.fixture
 def registered():
     """Registers test batch transforms (and a labels-only loss) for one test, removed after."""
-    def zero_images(batch, key):
+    def zero_images(batch, key, num_classes):
         return dict(batch, image=jnp.zeros_like(batch["image"]))
 
-    def add_noise(batch, key):  # uses its key: shows which key the step passes
+    def add_noise(batch, key, num_classes):  # uses its key: shows which key the step passes
         return dict(batch, image=batch["image"] + jax.random.uniform(key, batch["image"].shape))
 
-    def one_hot(batch, key):
-        return dict(batch, targets=jax.nn.one_hot(batch["label"], 3))
+    def one_hot(batch, key, num_classes):
+        return dict(batch, targets=jax.nn.one_hot(batch["label"], num_classes))
 
     entries = {"zero_images": batch_transforms.BatchTransform(zero_images, makes_targets=False),
                "add_noise": batch_transforms.BatchTransform(add_noise, makes_targets=False),
@@ -84,6 +84,11 @@ def registered():
     for name in entries:
         batch_transforms.BATCH_TRANSFORMS.unregister(name)
     losses.LOSSES.unregister("labels_only")
+
+
+def bound(entry, num_classes=3):
+    """The entry's transform as the step gets it from recipe_hooks: bound to the class count."""
+    return functools.partial(entry.fn, num_classes=num_classes)
 
 
 # ----------------------------------------------------------------- off = today, bit for bit
@@ -111,7 +116,7 @@ def test_a_batch_transform_runs_in_the_step_before_the_forward_pass(registered):
     model, tx, state = tiny_setup()
     batch, key = tiny_batch(), jax.random.key(5)
     step = functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3)
-    with_transform = jax.jit(functools.partial(step, batch_transform=registered["zero_images"].fn))(state, batch, key)
+    with_transform = jax.jit(functools.partial(step, batch_transform=bound(registered["zero_images"])))(state, batch, key)
     zeros = dict(batch, image=np.zeros_like(batch["image"]))
     on_zeros = jax.jit(step)(state, zeros, key)
     np.testing.assert_allclose(with_transform[1]["loss_sum"], on_zeros[1]["loss_sum"], rtol=1e-6)
@@ -125,7 +130,7 @@ def test_the_transform_key_is_folded_from_the_dropout_key_which_stays_unchanged(
     state = state.replace(step=state.step + 3)
     batch, key = tiny_batch(1), jax.random.key(9)
     step = functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3)
-    transformed = jax.jit(functools.partial(step, batch_transform=registered["add_noise"].fn))(state, batch, key)
+    transformed = jax.jit(functools.partial(step, batch_transform=bound(registered["add_noise"])))(state, batch, key)
     dropout_key = jax.random.fold_in(key, 3)
     noise = jax.random.uniform(jax.random.fold_in(dropout_key, batch_transforms.KEY_SALT), batch["image"].shape)
     by_hand = jax.jit(step)(state, dict(batch, image=batch["image"] + noise), key)
@@ -138,7 +143,7 @@ def test_soft_targets_from_a_transform_reach_the_loss(registered):
     model, tx, state = tiny_setup(dropout=0.0)
     batch, key = tiny_batch(2), jax.random.key(1)
     step = functools.partial(steps.train_step, model=model, tx=tx, l2=0.0)
-    soft = step(state, batch, key, batch_transform=registered["one_hot"].fn)
+    soft = step(state, batch, key, batch_transform=bound(registered["one_hot"]))
     plain = step(state, batch, key)  # one-hot targets = the labels: the same loss
     np.testing.assert_allclose(soft[1]["loss_sum"], plain[1]["loss_sum"], rtol=1e-6)
 
@@ -150,11 +155,11 @@ def test_the_ensemble_step_transforms_each_member_with_its_own_key(registered):
     batch = tiny_batch(3)
     new, metrics = ens_steps.ensemble_train_step(state, batch, dropout_keys, model=model, tx=tx, l2=1e-3,
                                                  mode="unroll", shared_data=True,
-                                                 batch_transform=registered["add_noise"].fn)
+                                                 batch_transform=bound(registered["add_noise"]))
     for i in range(2):  # member i = the plain step of member i with the transform
         member = jax.tree.map(lambda x: x[i], state.members)
         alone, alone_metrics = steps.train_step(member, batch, dropout_keys[i], model=model, tx=tx, l2=1e-3,
-                                                batch_transform=registered["add_noise"].fn)
+                                                batch_transform=bound(registered["add_noise"]))
         np.testing.assert_allclose(metrics["loss_sum"][i], alone_metrics["loss_sum"], rtol=1e-6)
         for x, y in zip(jax.tree.leaves(new.members.params), jax.tree.leaves(alone.params)):
             np.testing.assert_allclose(x[i], y, rtol=1e-6, atol=1e-7)
@@ -211,8 +216,8 @@ def test_recipe_hooks_of_a_config(registered):
     assert loss_fn is losses.LOSSES["softmax_cross_entropy"].fn and transform is None and evaluation is None
     c.train.batch_transform, c.train.eval_transform = "zero_images", "horizontal_flip_tta"
     config_lib.validate(c)
-    _, transform, evaluation = steps.recipe_hooks(c)
-    assert transform is registered["zero_images"].fn
+    _, transform, evaluation = steps.recipe_hooks(c, num_classes=3)
+    assert transform.func is registered["zero_images"].fn and transform.keywords == {"num_classes": 3}
     assert evaluation is eval_transforms.horizontal_flip_tta
     # A run's config.json from before these keys: the defaults.
     old = ml_collections.ConfigDict({"train": {"batch_size": 4}, "model": {"l2": 0.0}})
@@ -230,7 +235,7 @@ def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registere
         assert str(info.value) == message
     c.train.batch_transform = "zero_images"  # no targets: a labels-only loss is fine
     config_lib.validate(c)
-    assert steps.recipe_hooks(c)[0] is losses.LOSSES["labels_only"].fn
+    assert steps.recipe_hooks(c, num_classes=3)[0] is losses.LOSSES["labels_only"].fn
 
 
 @pytest.mark.parametrize("key, value, message", [

@@ -121,7 +121,8 @@ class AugmentOp:
 
     Attributes:
       defaults: ``{key: default}``, the op's keys in the ``augment`` config section. The defaults
-        mean "off": with every key at its default the op is skipped (draws nothing).
+        mean "off": with every key at its default the op is skipped (draws nothing). An op with
+        no keys runs whenever ``augment.ops`` lists it.
       apply: ``apply(image float32[H, W, 3] in [0, 255], rng, settings) -> float32[H', W', 3]``
         in [0, 255], where ``settings`` is ``{key: value}`` of the op's keys; called only when
         some key differs from its default. All randomness must come from ``rng`` (numpy).
@@ -134,7 +135,10 @@ class AugmentOp:
     check: Callable[[Mapping[str, Any]], None] | None = None
 
     def is_active(self, settings: Mapping[str, Any]) -> bool:
-        """Whether some key of the op differs from its default (the op runs)."""
+        """Whether the op runs: some key of the op differs from its default; an op without keys
+        always runs when ``augment.ops`` lists it."""
+        if not self.defaults:
+            return True
         return any(not _same(settings[k], d) for k, d in self.defaults.items())
 
 

@@ -96,7 +96,6 @@ def keep_checkpoints(config, checkpoints: ckpt_lib.RunCheckpoints) -> None:
     if config.train.keep_checkpoints == "result":
         checkpoints.remove_latest()
         print(f"train.keep_checkpoints='result': removed {checkpoints.latest_dir} (kept {checkpoints.result_dir})")
-    checkpoints.close()
 
 
 def finished_summary(workdir: str, config, checkpoints: ckpt_lib.RunCheckpoints) -> dict | None:
@@ -124,7 +123,6 @@ def finished_summary(workdir: str, config, checkpoints: ckpt_lib.RunCheckpoints)
         raise CheckpointError(f"'{path}' is unreadable ({e}) and '{checkpoints.latest_dir}' is gone; "
                               "rerun with --overwrite to train the run again") from None
     if stopped or epochs >= config.train.num_epochs:
-        checkpoints.close()
         print(f"{workdir} holds a finished run ({epochs} epochs) whose resume checkpoints were removed "
               "(by train.keep_checkpoints='result' or by hand); its reports stay as they are")
         return summary

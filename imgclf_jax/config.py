@@ -27,7 +27,7 @@ import ml_collections
 
 from imgclf_jax.backend import SETTINGS as FAST_PATH_SETTINGS
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.registry import check_unused_keys
+from imgclf_jax.registry import check_unused_keys, is_default
 
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 MONITORS = ("", "val_loss", "val_accuracy")
@@ -220,15 +220,9 @@ def _settle_model_section(config: ml_collections.ConfigDict) -> None:
         return  # check_schema reports a missing or unknown name
     target, leftover = model_section(name), model_section(default)
 
-    def at_default(key):
-        value, base = model[key], leftover[key]
-        if isinstance(base, (tuple, list)):
-            return isinstance(value, (tuple, list)) and tuple(value) == tuple(base)
-        return type(value) is type(base) and value == base
-
     values = {key: (model[key] if key in model else target[key]) for key in target.keys()}
     values.update({key: model[key] for key in model.keys()
-                   if key not in target and not (key in leftover and at_default(key))})
+                   if key not in target and not (key in leftover and is_default(model[key], leftover[key]))})
     config.model = ml_collections.ConfigDict(values)
 
 
@@ -562,7 +556,7 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
 
     augment.AugmentParams(**config.augment.to_dict())
     losses.LOSSES.get(config.loss.name)
-    transform = batch_transforms.get(config.train.batch_transform)
+    transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)
-    eval_transforms.get(config.train.eval_transform)
+    eval_transforms.EVAL_TRANSFORMS.get(config.train.eval_transform)

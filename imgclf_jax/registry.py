@@ -96,6 +96,13 @@ class Registry:
         return f"Registry({self.key!r}: {', '.join(self._entries)})"
 
 
+def is_default(value: Any, default: Any) -> bool:
+    """Whether a config value equals its default (tuples and lists compared element by element)."""
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list)) and tuple(value) == tuple(default)
+    return value == default
+
+
 def check_unused_keys(section: Any, section_name: str, defaults: Mapping[str, Any], used: set[str],
                       chosen: str) -> None:
     """Refuses a key of `section` that the chosen entry does not read, unless it is at its default.
@@ -114,8 +121,7 @@ def check_unused_keys(section: Any, section_name: str, defaults: Mapping[str, An
         if key in used:
             continue
         value = section[key]
-        same = tuple(value) == tuple(default) if isinstance(default, (tuple, list)) else value == default
-        if not same:
+        if not is_default(value, default):
             raise ConfigError(f"config key '{section_name}.{key}' ({value!r}) is not used by {chosen}: "
                               f"leave it at {default!r}, or choose an entry that uses it")
 

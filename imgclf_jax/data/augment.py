@@ -57,7 +57,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.registry import Registry
+from imgclf_jax.registry import Registry, is_default
 
 DEFAULT_OPS = ("keras_affine", "horizontal_flip")  # Keras's order: the warp, then the flip
 
@@ -109,12 +109,6 @@ def warp(image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- the ops table
 
 
-def _same(value: Any, default: Any) -> bool:
-    if isinstance(default, (tuple, list)):
-        return isinstance(value, (tuple, list)) and tuple(value) == tuple(default)
-    return value == default
-
-
 @dataclasses.dataclass(frozen=True)
 class AugmentOp:
     """One per-image op of :data:`AUGMENT_OPS`.
@@ -139,7 +133,7 @@ class AugmentOp:
         always runs when ``augment.ops`` lists it."""
         if not self.defaults:
             return True
-        return any(not _same(settings[k], d) for k, d in self.defaults.items())
+        return any(not is_default(settings[k], d) for k, d in self.defaults.items())
 
 
 AUGMENT_OPS = Registry("augment.ops")
@@ -224,7 +218,7 @@ class AugmentParams:
         listed = {key for entry in entries for key in entry.defaults}
         for name in AUGMENT_OPS:
             for key, default in AUGMENT_OPS[name].defaults.items():
-                if key not in listed and not _same(full[key], default):
+                if key not in listed and not is_default(full[key], default):
                     raise ConfigError(
                         f"config key 'augment.{key}' ({full[key]!r}) belongs to op {name!r}, which "
                         f"augment.ops ({', '.join(ops) or 'empty'}) does not list: add the op or "

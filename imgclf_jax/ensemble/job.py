@@ -210,10 +210,82 @@ class EnsembleJob(Job):
     # ----------------------------------------------------------------- result
 
     def finish(self, state, progress, checkpoints) -> dict:
+        """Saves the result checkpoint (stacked member params) and writes votes, reports and the summary."""
+        config, workdir, data, mesh = self.config, self.workdir, self.parts.data, self.parts.mesh
+        stoppers, nan_steps, eval_step, mode = self.stoppers, self.nan_steps, self.eval_step, self.mode
         params = self._best if self.keeps_best else state.members.params
-        return _finish(self.config, self.workdir, self.parts.data, params, progress, self.stoppers, self.nan_steps,
-                       self.num_params(state), checkpoints, self.eval_step, self.parts.mesh, self.mode,
-                       self.parts.memory)
+        num_params, mem_figures = self.num_params(state), self.parts.memory
+        k = config.ensemble.num_members
+        history = progress.history
+        checkpoints.save_result(params, {
+            "class_names": data.class_names,
+            "num_classes": data.num_classes,
+            "num_members": k,
+            "config": config.to_dict(),
+        })
+        val = evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
+        labels = data.validation.labels
+        # Every registered rule's vote (majority and soft first: history.json tracks those two per epoch).
+        votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in VOTES.names()}
+        rule = config.ensemble.vote
+        matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
+        report.save_confusion_matrix(matrix, data.class_names, workdir,
+                                     f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
+        report.plot_member_curves(history, workdir,
+                                  [history[s.best_epoch]["epoch"] if s.best_epoch >= 0 else None for s in stoppers],
+                                  result_vote=(f"{rule} vote, members at {_members_at(stoppers[0].restores_best)}",
+                                               votes[rule]))
+        if data.test is not None:
+            test = evaluate(eval_step, params, data.test, config, mesh, desc="test")
+            test_votes = vote(test.probabilities, rule)
+            report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids, test_votes,
+                                    data.class_names)
+            for i in range(k):
+                report.write_submission(os.path.join(workdir, f"submission_member_{i}.csv"), data.test.image_ids,
+                                        test.predictions[i], data.class_names)
+            test_accuracy = labelled_accuracy(data.test.labels, test_votes)
+        else:
+            test_accuracy = None
+        members = []
+        for i, stopper in enumerate(stoppers):
+            best = history[stopper.best_epoch] if stopper.best_epoch >= 0 else None
+            members.append({
+                "seed": config.seed + i,
+                "epochs_trained": sum(1 for h in history if h["trained"][i]),
+                "stopped_early": stopper.stopped and nan_steps[i] is None,
+                "nan_step": nan_steps[i],  # the update whose loss or params were not finite; null if none
+                "best_epoch": best["epoch"] if best else None,
+                "best_val_accuracy": best["val_accuracy"][i] if best else None,
+                "best_val_loss": best["val_loss"][i] if best else None,
+                "result_val_accuracy": float(val.accuracy[i]),
+                "result_val_loss": _finite_or_none(float(val.loss[i])),
+            })
+        timing = progress.timing
+        images_per_s = timing["train_images"] / timing["train_seconds"] if timing["train_seconds"] else None
+        summary = {
+            "num_members": k,
+            "num_params": num_params,  # per member
+            "mapping": mode,
+            "shared_data": config.ensemble.shared_data,
+            "epochs_run": len(history),
+            "best_metric": stoppers[0].tracked,
+            "result_weights": "best epoch" if stoppers[0].restores_best else "last epoch",
+            "members": members,
+            "vote": _vote_summary(history, votes, rule, stoppers[0].restores_best),
+            "result_val_accuracy": votes[rule],
+            "mean_member_val_accuracy": float(np.mean(val.accuracy)),
+            "train_images_per_s": images_per_s,  # batches of the input stream per second x batch size
+            "member_images_per_s": images_per_s * k if images_per_s else None,  # images trained, all members
+            "wall_seconds": sum(h["seconds"] for h in history),
+            "devices": [str(d) for d in mesh.devices.flat],
+            "memory_per_member_bytes": mem_figures["member"],
+            "num_train_examples": len(data.train),
+            "num_val_examples": len(data.validation),
+        }
+        if test_accuracy is not None:  # a labelled test split: the vote's accuracy on it
+            summary.update(test_accuracy=test_accuracy, num_test_examples=len(data.test))
+        report.write_json(os.path.join(workdir, "summary.json"), summary)
+        return summary
 
     def check_result(self, summary: dict) -> None:
         if all(step is not None for step in self.nan_steps):
@@ -243,79 +315,3 @@ def _vote_summary(history: list[dict], votes: dict, rule: str, keeps_best: bool)
     for name in votes:  # a rule registered beyond the two history.json tracks: its result vote only
         out.setdefault(name, {"val_accuracy": votes[name]})
     return out
-
-
-def _finish(config, workdir, data, params, progress, stoppers, nan_steps, num_params, checkpoints, eval_step,
-            mesh, mode, mem_figures) -> dict:
-    """Saves the result checkpoint (stacked member params) and writes votes, reports and the summary."""
-    k = config.ensemble.num_members
-    history = progress.history
-    checkpoints.save_result(params, {
-        "class_names": data.class_names,
-        "num_classes": data.num_classes,
-        "num_members": k,
-        "config": config.to_dict(),
-    })
-    val = evaluate(eval_step, params, data.validation, config, mesh, desc="validation, result weights")
-    labels = data.validation.labels
-    # Every registered rule's vote (majority and soft first: history.json tracks those two per epoch).
-    votes = {rule: float(np.mean(vote(val.probabilities, rule) == labels)) for rule in VOTES.names()}
-    rule = config.ensemble.vote
-    matrix = report.confusion_matrix(labels, vote(val.probabilities, rule), data.num_classes)
-    report.save_confusion_matrix(matrix, data.class_names, workdir,
-                                 f"validation, {k}-member {rule} vote: accuracy {votes[rule]:.4f}")
-    report.plot_member_curves(history, workdir,
-                              [history[s.best_epoch]["epoch"] if s.best_epoch >= 0 else None for s in stoppers],
-                              result_vote=(f"{rule} vote, members at {_members_at(stoppers[0].restores_best)}",
-                                           votes[rule]))
-    if data.test is not None:
-        test = evaluate(eval_step, params, data.test, config, mesh, desc="test")
-        test_votes = vote(test.probabilities, rule)
-        report.write_submission(os.path.join(workdir, "submission.csv"), data.test.image_ids, test_votes,
-                                data.class_names)
-        for i in range(k):
-            report.write_submission(os.path.join(workdir, f"submission_member_{i}.csv"), data.test.image_ids,
-                                    test.predictions[i], data.class_names)
-        test_accuracy = labelled_accuracy(data.test.labels, test_votes)
-    else:
-        test_accuracy = None
-    members = []
-    for i, stopper in enumerate(stoppers):
-        best = history[stopper.best_epoch] if stopper.best_epoch >= 0 else None
-        members.append({
-            "seed": config.seed + i,
-            "epochs_trained": sum(1 for h in history if h["trained"][i]),
-            "stopped_early": stopper.stopped and nan_steps[i] is None,
-            "nan_step": nan_steps[i],  # the update whose loss or params were not finite; null if none
-            "best_epoch": best["epoch"] if best else None,
-            "best_val_accuracy": best["val_accuracy"][i] if best else None,
-            "best_val_loss": best["val_loss"][i] if best else None,
-            "result_val_accuracy": float(val.accuracy[i]),
-            "result_val_loss": _finite_or_none(float(val.loss[i])),
-        })
-    timing = progress.timing
-    images_per_s = timing["train_images"] / timing["train_seconds"] if timing["train_seconds"] else None
-    summary = {
-        "num_members": k,
-        "num_params": num_params,  # per member
-        "mapping": mode,
-        "shared_data": config.ensemble.shared_data,
-        "epochs_run": len(history),
-        "best_metric": stoppers[0].tracked,
-        "result_weights": "best epoch" if stoppers[0].restores_best else "last epoch",
-        "members": members,
-        "vote": _vote_summary(history, votes, rule, stoppers[0].restores_best),
-        "result_val_accuracy": votes[rule],
-        "mean_member_val_accuracy": float(np.mean(val.accuracy)),
-        "train_images_per_s": images_per_s,  # batches of the input stream per second x batch size
-        "member_images_per_s": images_per_s * k if images_per_s else None,  # images trained, all members
-        "wall_seconds": sum(h["seconds"] for h in history),
-        "devices": [str(d) for d in mesh.devices.flat],
-        "memory_per_member_bytes": mem_figures["member"],
-        "num_train_examples": len(data.train),
-        "num_val_examples": len(data.validation),
-    }
-    if test_accuracy is not None:  # a labelled test split: the vote's accuracy on it
-        summary.update(test_accuracy=test_accuracy, num_test_examples=len(data.test))
-    report.write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary

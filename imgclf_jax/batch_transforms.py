@@ -57,12 +57,3 @@ BATCH_TRANSFORMS = Registry("train.batch_transform", off="")
 def transform_key(dropout_key: jax.Array) -> jax.Array:
     """The transform's key of one step: ``fold_in(dropout_key, KEY_SALT)`` (dropout_key itself unused)."""
     return jax.random.fold_in(dropout_key, KEY_SALT)
-
-
-def get(name: str) -> BatchTransform | None:
-    """The entry named `name`; None for '' (off).
-
-    Raises:
-      ConfigError: an unknown name, listing the registered ones.
-    """
-    return BATCH_TRANSFORMS.get(name)

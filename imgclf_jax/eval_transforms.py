@@ -45,12 +45,3 @@ def horizontal_flip_tta(apply_logits: ApplyLogits, images: jax.Array) -> jax.Arr
     a = jax.nn.log_softmax(apply_logits(images).astype(jnp.float32), axis=-1)
     b = jax.nn.log_softmax(apply_logits(images[:, :, ::-1]).astype(jnp.float32), axis=-1)
     return jnp.logaddexp(a, b) - jnp.log(jnp.float32(2.0))
-
-
-def get(name: str) -> EvalTransformFn | None:
-    """The transform named `name`; None for '' (off).
-
-    Raises:
-      ConfigError: an unknown name, listing the registered ones.
-    """
-    return EVAL_TRANSFORMS.get(name)

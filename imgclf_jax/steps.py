@@ -167,7 +167,7 @@ def eval_hooks(config: Any) -> tuple[losses.LossFn, eval_transforms.EvalTransfor
     loss = config.get("loss") or {}
     train = config.get("train") or {}
     return (losses.LOSSES.get(loss.get("name", losses.DEFAULT)).fn,
-            eval_transforms.get(train.get("eval_transform", "")))
+            eval_transforms.EVAL_TRANSFORMS.get(train.get("eval_transform", "")))
 
 
 def recipe_hooks(config: Any, num_classes: int | None = None
@@ -188,7 +188,7 @@ def recipe_hooks(config: Any, num_classes: int | None = None
     loss_fn, eval_transform = eval_hooks(config)
     loss_name = (config.get("loss") or {}).get("name", losses.DEFAULT)
     transform_name = (config.get("train") or {}).get("batch_transform", "")
-    transform = batch_transforms.get(transform_name)
+    transform = batch_transforms.BATCH_TRANSFORMS.get(transform_name)
     losses.check_targets(loss_name, transform is not None and transform.makes_targets, transform_name)
     if transform is None:
         return loss_fn, None, eval_transform

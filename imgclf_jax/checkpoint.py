@@ -337,8 +337,12 @@ class RunCheckpoints:
             f"checkpoint '{folder}' is corrupt: {problem}{earlier}; delete '{self.latest_dir}' to train this "
             f"run again from the start, or rerun with --overwrite")
 
-    def save_result(self, params: Any, metadata: dict) -> None:
-        """Writes the result params and metadata (and its manifest), replacing an earlier result.
+    def save_result(self, variables: Any, metadata: dict) -> None:
+        """Writes the result weights and metadata (and its manifest), replacing an earlier result.
+
+        `variables` are flax variables ``{'params': ..., **model_state}`` (leaves stacked per member for an
+        ensemble); the metadata gets ``"weights": "variables"`` to say so (a result written before variables
+        existed holds the bare params tree and has no such key: :func:`result_holds_variables`).
 
         Before the first save of a workdir, checkpoints/MANIFESTS is written (:meth:`_mark_manifests`).
 
@@ -352,8 +356,8 @@ class RunCheckpoints:
             with _orbax_quiet_on_disk_full(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
                 checkpointer.save(
                     self.result_dir,
-                    args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                            metadata=ocp.args.JsonSave(metadata)),
+                    args=ocp.args.Composite(params=ocp.args.StandardSave(variables),
+                                            metadata=ocp.args.JsonSave(dict(metadata, weights="variables"))),
                 )
             manifest.write(self.result_dir)
         except BaseException as e:
@@ -361,7 +365,7 @@ class RunCheckpoints:
                 shutil.rmtree(self.result_dir, ignore_errors=True)
             parent = os.path.dirname(self.result_dir)
             error = self._save_failed(e, parent, "result", f"the result checkpoint '{self.result_dir}'",
-                                      tree_nbytes(params), "rerun the same command to write the result")
+                                      tree_nbytes(variables), "rerun the same command to write the result")
             if error is None:
                 raise
             raise error from None
@@ -403,9 +407,12 @@ class RunCheckpoints:
         return self._restore_result({"metadata": ocp.args.JsonRestore()})["metadata"]
 
     def restore_result(self, abstract_params: Any, verified: bool = False) -> tuple[Any, dict]:
-        """Restores (params, metadata) of the result checkpoint.
+        """Restores (weights, metadata) of the result checkpoint.
 
         Args:
+          abstract_params: the abstract tree of what was saved: the variables, or for a result without
+            ``"weights": "variables"`` in its metadata (:func:`result_holds_variables`) the params tree.
+
           verified: skip the manifest check (it was just done by :meth:`result_metadata`).
 
         Raises:
@@ -435,3 +442,9 @@ class RunCheckpoints:
     def __exit__(self, *exc) -> bool:
         self.close()
         return False
+
+
+def result_holds_variables(metadata: dict) -> bool:
+    """Whether a result checkpoint with this metadata holds flax variables ``{'params': ..., ...}`` (every
+    result written since BatchNorm models exist) rather than the bare params tree of older runs."""
+    return metadata.get("weights") == "variables"

@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     # e.g. 'horizontal_flip_tta': mean softmax over the image and its mirror; validation, test, predict).
     c.train.batch_transform = ""
     c.train.eval_transform = ""
+    # Exponential moving average of the weights (and BatchNorm statistics), updated after every step with decay
+    # min(ema_decay, (1 + t) / (10 + t)) at update t (TensorFlow's ExponentialMovingAverage warm-up); 0.0 = off.
+    # When on, validation, early stopping's best weights, the result checkpoint and predict use the average.
+    c.train.ema_decay = 0.0
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -532,6 +536,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")
+    need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)")
     need(t.keep_checkpoints in KEEP_CHECKPOINTS, "train.keep_checkpoints", f"one of {KEEP_CHECKPOINTS}")
     e = config.ensemble
     need(e.num_members >= 1, "ensemble.num_members", ">= 1 (1 = a plain run)")

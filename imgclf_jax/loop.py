@@ -43,7 +43,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     tx, schedule = create_optimizer(config.optimizer)
     mesh = parallel.make_mesh(config.train.batch_size)
     member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
-                                  config.train.batch_size // mesh.size)
+                                  config.train.batch_size // mesh.size, config.train.ema_decay)
     figures = memory.check_fits(member, config.ensemble.num_members, bool(config.train.early_stopping.monitor),
                                 list(mesh.devices.flat), config.data.image_size)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -47,45 +47,53 @@ class MemberMemory:
     temp: int
     batch: int
     model_keys: tuple[str, ...] = ()
+    model_state: int = 0
+    ema: int = 0
 
     @property
     def total(self) -> int:
-        """params + opt_state + temp."""
-        return self.params + self.opt_state + self.temp
+        """params + opt_state + model_state + ema + temp."""
+        return self.params + self.opt_state + self.model_state + self.ema + self.temp
 
     def as_dict(self) -> dict:
-        """The figures (params, opt_state, temp, batch) and the total, in bytes."""
-        return {"params": self.params, "opt_state": self.opt_state, "temp": self.temp, "batch": self.batch,
-                "total": self.total}
+        """The figures (params, opt_state, model_state, ema, temp, batch) and the total, in bytes."""
+        return {"params": self.params, "opt_state": self.opt_state, "model_state": self.model_state,
+                "ema": self.ema, "temp": self.temp, "batch": self.batch, "total": self.total}
 
 
 def _nbytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) -> MemberMemory:
+def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int,
+                  ema_decay: float = 0.0) -> MemberMemory:
     """One member's memory on one device at `batch_per_device` images (see the module docstring).
 
     `model` is a registered model's module (:func:`imgclf_jax.models.entry_for` gives the keys
-    that set its size, for the advice when it does not fit); `l2` its ``model.l2``.
+    that set its size, for the advice when it does not fit); `l2` its ``model.l2``; `ema_decay`
+    ``train.ema_decay`` (on: the state also holds the averaged variables). The train step compiled for the
+    estimate is the real one, so a model with BatchNorm counts its statistics and what their
+    backward pass keeps.
     """
-    state = jax.eval_shape(lambda key: steps.create_train_state(model, tx, key, image_size),
+    state = jax.eval_shape(lambda key: steps.create_train_state(model, tx, key, image_size, ema_decay),
                            jax.random.key(0))
     batch = {
         "image": jax.ShapeDtypeStruct((batch_per_device, image_size, image_size, 3), jnp.float32),
         "label": jax.ShapeDtypeStruct((batch_per_device,), jnp.int32),
         "mask": jax.ShapeDtypeStruct((batch_per_device,), jnp.bool_),
     }
-    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=l2), donate_argnums=(0,))
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=l2, ema_decay=ema_decay),
+                   donate_argnums=(0,))
     analysis = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
     temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
     return MemberMemory(params=_nbytes(state.params), opt_state=_nbytes(state.opt_state), temp=temp,
-                        batch=batch_per_device, model_keys=tuple(entry_for(model).size_keys))
+                        batch=batch_per_device, model_keys=tuple(entry_for(model).size_keys),
+                        model_state=_nbytes(state.model_state), ema=_nbytes(state.ema))
 
 
 def ensemble_need_bytes(member: MemberMemory, num_members: int, keeps_best: bool) -> int:
-    """Bytes per device for `num_members` members (plus each member's best params when `keeps_best`)."""
-    return num_members * (member.total + (member.params if keeps_best else 0))
+    """Bytes per device for `num_members` members (plus each member's best weights when `keeps_best`)."""
+    return num_members * (member.total + (member.params + member.model_state if keeps_best else 0))
 
 
 def available_bytes(devices) -> tuple[int | None, str]:
@@ -143,7 +151,7 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
     if num_members > 1 and free >= per:
         raise ConfigError(f"{head}; use ensemble.num_members <= {free // per} or a smaller train.batch_size")
     members = f"{num_members} members' " if num_members > 1 else ""
-    fixed = num_members * (member.params + member.opt_state + (member.params if keeps_best else 0))
+    fixed = num_members * (member.total - member.temp + (member.params + member.model_state if keeps_best else 0))
     image = f"data.image_size (now {image_size})" if image_size else "data.image_size"
     keys = ", ".join(f"model.{key}" for key in member.model_keys) or "its model.* keys"
     if fixed >= free or not member.temp:

@@ -45,8 +45,9 @@ class PlainJob(Job):
         model, tx, mesh = parts.model, parts.tx, parts.mesh
         self.rep = parallel.replicated(mesh)
         self.init_key, self.dropout_key = jax.random.split(jax.random.key(config.seed))
+        ema_decay = config.train.ema_decay
         self.train_step = steps.jit_train_step(model, tx, config.model.l2, mesh, loss_fn=parts.loss_fn,
-                                               batch_transform=parts.batch_transform)
+                                               batch_transform=parts.batch_transform, ema_decay=ema_decay)
         self.eval_step = steps.jit_eval_step(model, config.model.l2, mesh, loss_fn=parts.loss_fn,
                                              eval_transform=parts.eval_transform)
         self.train = pipeline.train_pipeline(parts.data.train, config)
@@ -55,7 +56,7 @@ class PlainJob(Job):
         self.keeps_best = self.stopper.restores_best
         self._best = None
         image_size = config.data.image_size
-        self._make_state = jax.jit(lambda key: steps.create_train_state(model, tx, key, image_size),
+        self._make_state = jax.jit(lambda key: steps.create_train_state(model, tx, key, image_size, ema_decay),
                                    out_shardings=self.rep)
 
     # ----------------------------------------------------------------- state
@@ -65,7 +66,7 @@ class PlainJob(Job):
 
     def abstract_state(self):
         abstract = ckpt_lib.abstract_like(jax.eval_shape(self._make_state, self.init_key), self.rep)
-        return abstract, abstract.params if self.keeps_best else None
+        return abstract, steps.eval_variables(abstract) if self.keeps_best else None
 
     def restore(self, state, best_params, stopping: dict) -> None:
         self._best = best_params
@@ -103,7 +104,7 @@ class PlainJob(Job):
 
     def end_epoch(self, state, progress):
         epoch = progress.epoch
-        val = evaluate(self.eval_step, state.params, self.parts.data.validation, self.config, self.parts.mesh,
+        val = evaluate(self.eval_step, steps.eval_variables(state), self.parts.data.validation, self.config, self.parts.mesh,
                        desc="validation")
         if not np.isfinite(val.loss):
             raise TrainingError(
@@ -119,7 +120,7 @@ class PlainJob(Job):
             "learning_rate": float(f"{float(self.parts.schedule(int(state.step))):.7g}"),  # float32, no noise digits
         }
         if self.stopper.update(epoch, entry) and self.keeps_best:
-            self._best = jax.tree.map(jnp.copy, state.params)
+            self._best = jax.tree.map(jnp.copy, steps.eval_variables(state))
         return state, entry
 
     def epoch_line(self, entry: dict) -> str:
@@ -133,7 +134,7 @@ class PlainJob(Job):
         """Saves the result checkpoint and writes the confusion matrix, curves, submission and summary."""
         config, workdir, data, mesh = self.config, self.workdir, self.parts.data, self.parts.mesh
         stopper, history, timing = self.stopper, progress.history, progress.timing
-        params = self._best if (self.keeps_best and self._best is not None) else state.params
+        params = self._best if (self.keeps_best and self._best is not None) else steps.eval_variables(state)
         checkpoints.save_result(params, {
             "class_names": data.class_names,
             "num_classes": data.num_classes,

@@ -309,8 +309,11 @@ def predict(workdir: str, ids: list[str], paths: list[str], batch_size: int | No
     model = create_model(config.model, metadata["num_classes"])
     mesh = parallel.make_mesh(config.train.batch_size)
 
+    holds_variables = ckpt_lib.result_holds_variables(metadata)  # else the bare params tree of an older run
+
     def init(key):
-        return steps.init_params(model, key, config.data.image_size)
+        variables = steps.init_variables(model, key, config.data.image_size)
+        return variables if holds_variables else variables["params"]
 
     if num_members == 1:
         abstract = jax.eval_shape(init, jax.random.key(0))

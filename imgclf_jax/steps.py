@@ -11,6 +11,15 @@ are returned as sums (``loss_sum`` = loss x real rows, ``correct``, ``count``)
 so an epoch's running mean is sum / count, weighting each batch by its real
 rows as Keras's ``Mean`` tracker does.
 
+Model state and weight averaging: :class:`TrainState` carries the model's
+non-param variable collections (``model_state``, e.g. BatchNorm's
+``{'batch_stats': ...}``; ``{}`` for a model without any, such as the branched
+CNN, whose steps are then exactly what they were) and, when ``train.ema_decay``
+is on, an exponential moving average of the weights (``ema``). Everything that
+evaluates weights takes flax *variables* ``{'params': ..., 'batch_stats': ...}``
+(:func:`eval_variables` gives a state's: the EMA's when on); a bare params tree is
+accepted as ``{'params': tree}`` (:func:`as_variables`).
+
 Recipe hooks (:func:`recipe_hooks` builds them from a config; None = off, the
 default, which gives bit-identical results to a step without them):
 ``loss_fn`` (:mod:`imgclf_jax.losses`), ``batch_transform`` in the train step
@@ -30,7 +39,7 @@ import jax.numpy as jnp
 import optax
 
 from imgclf_jax import batch_transforms, eval_transforms, losses, parallel
-from imgclf_jax.models import l2_penalty
+from imgclf_jax.models import entry_for, l2_penalty
 
 
 @flax.struct.dataclass
@@ -40,24 +49,78 @@ class TrainState:
     step: int32[] optimizer updates so far (the learning-rate schedule's step).
     params: the model's parameter pytree.
     opt_state: the optimizer's state pytree.
+    model_state: the model's other variable collections, ``{collection: tree}`` (BatchNorm's running
+      statistics: ``{'batch_stats': ...}``); ``{}`` for a model without any. Updated by every train step.
+    ema: None when ``train.ema_decay`` is off; else the exponential moving average of the variables
+      ``{'params': ..., **model_state}`` (:func:`ema_update`), the weights evaluation uses.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = flax.struct.field(default_factory=dict)
+    ema: Any = None
+
+
+def as_variables(weights: Any) -> dict:
+    """Flax variables of `weights`: a variables dict ``{'params': ..., ...}`` as it is, a bare params tree
+    (what the result checkpoints of stateless models held before variables existed) as ``{'params': weights}``."""
+    if hasattr(weights, "keys") and "params" in weights.keys():
+        return dict(weights)
+    return {"params": weights}
+
+
+def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict:
+    """All variable collections for ``float32[1, image_size, image_size, 3]`` inputs: ``{'params': ...,
+    **model_state}`` (the branched CNN: ``{'params': ...}`` only)."""
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    return dict(model.init({"params": key}, dummy, train=False))
 
 
 def init_params(model: nn.Module, key: jax.Array, image_size: int) -> Any:
     """Initializes params for ``float32[1, image_size, image_size, 3]`` inputs."""
-    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    return model.init({"params": key}, dummy, train=False)["params"]
+    return init_variables(model, key, image_size)["params"]
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       image_size: int) -> TrainState:
-    """A fresh state: params from `key` (Keras initializers), optimizer state from `tx`, step 0."""
-    params = init_params(model, key, image_size)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+                       image_size: int, ema_decay: float = 0.0) -> TrainState:
+    """A fresh state: variables from `key` (the model's initializers), optimizer state from `tx`, step 0;
+    with ``ema_decay > 0`` the EMA starts at the initial variables."""
+    variables = init_variables(model, key, image_size)
+    params = variables.pop("params")
+    ema = {"params": params, **variables} if ema_decay > 0 else None
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      model_state=variables, ema=ema)
+
+
+def eval_variables(state: TrainState) -> dict:
+    """The variables that evaluation, early stopping's best weights and the result checkpoint use: the EMA
+    when on, else ``{'params': state.params, **state.model_state}`` (leaves may be stacked per member)."""
+    if state.ema is not None:
+        return state.ema
+    return {"params": state.params, **state.model_state}
+
+
+def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
+    """The EMA decay used after update number `step` (1-based: updates done, including this one):
+    ``min(decay, (1 + step) / (10 + step))``, TensorFlow's ``ExponentialMovingAverage(decay, num_updates)``
+    warm-up, so the average is not dominated by the random initialization in short runs."""
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
+    """One EMA update: ``ema <- d * ema + (1 - d) * variables`` leafwise, d = :func:`ema_decay_at`
+    (`step`: updates done including the one that produced `variables`). Source: Polyak & Juditsky (1992)
+    averaging in its exponential form, as ``tf.train.ExponentialMovingAverage``; the BatchNorm statistics are
+    averaged too (timm's ``ModelEmaV2``), so the averaged weights come with matching statistics."""
+    d = ema_decay_at(decay, step)
+    return jax.tree.map(lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype), ema, variables)
+
+
+def _model_kwargs(model: nn.Module, batch: dict) -> dict:
+    """``{'mask': batch['mask']}`` for a model whose entry takes the mask (BatchNorm statistics over real rows)."""
+    return {"mask": batch["mask"]} if entry_for(model).takes_mask else {}
 
 
 def _loss_and_metrics(logits, batch, penalty, loss_fn):
@@ -71,7 +134,8 @@ def _loss_and_metrics(logits, batch, penalty, loss_fn):
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, l2: float, loss_fn: losses.LossFn | None = None,
-               batch_transform: batch_transforms.BatchTransformFn | None = None) -> tuple[TrainState, dict]:
+               batch_transform: batch_transforms.BatchTransformFn | None = None,
+               ema_decay: float = 0.0) -> tuple[TrainState, dict]:
     """One optimizer update on one batch.
 
     Args:
@@ -83,6 +147,11 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
       batch_transform: ``fn(batch, key) -> batch`` applied before the forward pass with key
         :func:`imgclf_jax.batch_transforms.transform_key` of this step's dropout key (which is
         itself unchanged); None = off.
+      ema_decay: the EMA decay (static); 0 = off (``state.ema`` must then be None).
+
+    The model runs in training mode: dropout on, and a model with ``model_state`` (BatchNorm) computes
+    batch statistics (over the rows where ``mask`` is True, for a model whose entry ``takes_mask``) and
+    returns its new running statistics, which the new state carries.
 
     Returns:
       (new state, metrics with float32 sums ``loss_sum``, ``correct``, ``count``).
@@ -92,22 +161,37 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
     if batch_transform is not None:
         batch = batch_transform(batch, batch_transforms.transform_key(dropout_key))
 
-    def objective(params):
-        logits = model.apply({"params": params}, batch["image"], train=True,
-                             rngs={"dropout": dropout_key})
-        return _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model), loss_fn)
+    kwargs = _model_kwargs(model, batch)
 
-    grads, metrics = jax.grad(objective, has_aux=True)(state.params)
+    def objective(params):
+        if state.model_state:
+            logits, model_state = model.apply({"params": params, **state.model_state}, batch["image"],
+                                              train=True, rngs={"dropout": dropout_key},
+                                              mutable=list(state.model_state), **kwargs)
+        else:  # exactly the stateless step (the reference configs' models)
+            logits = model.apply({"params": params}, batch["image"], train=True,
+                                 rngs={"dropout": dropout_key}, **kwargs)
+            model_state = {}
+        loss, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model), loss_fn)
+        return loss, (metrics, dict(model_state))
+
+    grads, (metrics, model_state) = jax.grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    step = state.step + 1
+    ema = None
+    if ema_decay > 0:
+        ema = ema_update(state.ema, {"params": params, **model_state}, ema_decay, step)
+    return TrainState(step=step, params=params, opt_state=opt_state, model_state=model_state, ema=ema), metrics
 
 
-def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float, loss_fn: losses.LossFn | None = None,
+def eval_step(weights: Any, batch: dict, *, model: nn.Module, l2: float, loss_fn: losses.LossFn | None = None,
               eval_transform: eval_transforms.EvalTransformFn | None = None) -> tuple[dict, jax.Array]:
-    """Evaluates one batch (dropout off).
+    """Evaluates one batch (dropout off, BatchNorm on its running statistics).
 
     Args:
+      weights: the model's variables ``{'params': ..., **model_state}`` (:func:`eval_variables`), or a
+        bare params tree for a model without state (:func:`as_variables`).
       loss_fn: as in :func:`train_step`.
       eval_transform: ``fn(apply_logits, images) -> logits`` wrapping the forward pass (e.g.
         test-time augmentation); None = off.
@@ -116,28 +200,32 @@ def eval_step(params: Any, batch: dict, *, model: nn.Module, l2: float, loss_fn:
       (metrics as in :func:`train_step`, ``float32[B, num_classes]`` softmax probabilities).
     """
     loss_fn = losses.LOSSES[losses.DEFAULT].fn if loss_fn is None else loss_fn
+    variables = as_variables(weights)
 
     def apply_logits(images):
-        return model.apply({"params": params}, images, train=False)
+        return model.apply(variables, images, train=False)
 
     if eval_transform is None:
         logits = apply_logits(batch["image"])
     else:
         logits = eval_transform(apply_logits, batch["image"])
-    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(params, l2, model=model), loss_fn)
+    _, metrics = _loss_and_metrics(logits, batch, l2_penalty(variables["params"], l2, model=model), loss_fn)
     return metrics, jax.nn.softmax(logits, axis=-1)
 
 
-def jit_train_step(model, tx, l2: float, mesh, *, loss_fn=None, batch_transform=None) -> Callable:
+def jit_train_step(model, tx, l2: float, mesh, *, loss_fn=None, batch_transform=None,
+                   ema_decay: float = 0.0) -> Callable:
     """``train_step`` jit-compiled over `mesh`: state replicated and donated, batch split on B.
 
-    `loss_fn` and `batch_transform` as in :func:`train_step` (None = the default loss, no transform).
+    `loss_fn`, `batch_transform` and `ema_decay` as in :func:`train_step` (None/0 = the default loss, no
+    transform, no EMA). BatchNorm statistics are over the global batch: the step is one program over the
+    whole sharded batch, so its batch means are means over every device's rows (XLA adds the reduction).
     """
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
     def step(state, batch, key):
         return train_step(state, batch, key, model=model, tx=tx, l2=l2, loss_fn=loss_fn,
-                          batch_transform=batch_transform)
+                          batch_transform=batch_transform, ema_decay=ema_decay)
 
     return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
@@ -149,8 +237,8 @@ def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) 
     """
     rep, split = parallel.replicated(mesh), parallel.batch_sharded(mesh)
 
-    def step(params, batch):
-        return eval_step(params, batch, model=model, l2=l2, loss_fn=loss_fn, eval_transform=eval_transform)
+    def step(weights, batch):
+        return eval_step(weights, batch, model=model, l2=l2, loss_fn=loss_fn, eval_transform=eval_transform)
 
     return jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, split))
 

@@ -121,8 +121,8 @@ def poison(monkeypatch, members):
     """Makes the given members start with a huge output kernel: their first loss overflows."""
     real_create = ens_steps.create_ensemble_state
 
-    def poisoned(model, tx, keys, image_size):
-        state = real_create(model, tx, keys, image_size)
+    def poisoned(model, tx, keys, image_size, *args):
+        state = real_create(model, tx, keys, image_size, *args)
         params = jax.tree.map(lambda x: x, state.members.params)
         for i in members:
             params["logits"]["kernel"] = params["logits"]["kernel"].at[i].set(3e38)

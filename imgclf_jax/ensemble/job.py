@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import memory, parallel, report
+from imgclf_jax import memory, parallel, report, steps
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import steps as ens_steps
@@ -97,8 +97,10 @@ class EnsembleJob(Job):
         self.seeds = ens_steps.member_seeds(config.seed, k)
         self.init_keys, dropout_keys = ens_steps.member_keys(config.seed, k)
         self.dropout_keys = jax.device_put(dropout_keys, rep)
+        ema_decay = config.train.ema_decay
         self.train_step = ens_steps.jit_train_step(model, tx, config.model.l2, mesh, self.mode, self.shared,
-                                                   loss_fn=parts.loss_fn, batch_transform=parts.batch_transform)
+                                                   loss_fn=parts.loss_fn, batch_transform=parts.batch_transform,
+                                                   ema_decay=ema_decay)
         self.eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, self.mode, loss_fn=parts.loss_fn,
                                                  eval_transform=parts.eval_transform)
         if self.shared:
@@ -106,7 +108,8 @@ class EnsembleJob(Job):
         else:
             self.train = pipeline.ensemble_train_pipeline(parts.data.train, config, self.seeds)
         image_size = config.data.image_size
-        self._make_state = jax.jit(lambda keys: ens_steps.create_ensemble_state(model, tx, keys, image_size),
+        self._make_state = jax.jit(lambda keys: ens_steps.create_ensemble_state(model, tx, keys, image_size,
+                                                                                ema_decay),
                                    out_shardings=rep)
         self.stoppers = [EarlyStopping(es.monitor, es.patience) for _ in range(k)]
         self.nan_steps: list = [None] * k
@@ -122,12 +125,12 @@ class EnsembleJob(Job):
 
     def init_state(self):
         state = self._make_state(self.init_keys)
-        self._best = jax.tree.map(jnp.copy, state.members.params) if self.keeps_best else None
+        self._best = jax.tree.map(jnp.copy, steps.eval_variables(state.members)) if self.keeps_best else None
         return state
 
     def abstract_state(self):
         abstract = ckpt_lib.abstract_like(jax.eval_shape(self._make_state, self.init_keys), self.rep)
-        return abstract, abstract.members.params if self.keeps_best else None
+        return abstract, steps.eval_variables(abstract.members) if self.keeps_best else None
 
     def restore(self, state, best_params, stopping: dict) -> None:
         self._best = best_params
@@ -168,7 +171,7 @@ class EnsembleJob(Job):
     def end_epoch(self, state, progress):
         k, epoch, trained, stoppers, nan_steps = self.k, progress.epoch, self.trained, self.stoppers, self.nan_steps
         data = self.parts.data
-        val = evaluate(self.eval_step, state.members.params, data.validation, self.config, self.parts.mesh,
+        val = evaluate(self.eval_step, steps.eval_variables(state.members), data.validation, self.config, self.parts.mesh,
                        desc="validation")
         improved = np.zeros(k, bool)
         for i in np.flatnonzero(trained):
@@ -181,7 +184,7 @@ class EnsembleJob(Job):
             if nan_steps[i] is not None:
                 stoppers[i].stopped = True
         if self.keeps_best and improved.any():
-            self._best = _select_params(jnp.asarray(improved), state.members.params, self._best)
+            self._best = _select_params(jnp.asarray(improved), steps.eval_variables(state.members), self._best)
         stopped = np.array([s.stopped for s in stoppers])
         state = state.replace(active=jax.device_put(jnp.asarray(~stopped) & state.active, self.rep))
         t = progress.totals
@@ -213,7 +216,7 @@ class EnsembleJob(Job):
         """Saves the result checkpoint (stacked member params) and writes votes, reports and the summary."""
         config, workdir, data, mesh = self.config, self.workdir, self.parts.data, self.parts.mesh
         stoppers, nan_steps, eval_step, mode = self.stoppers, self.nan_steps, self.eval_step, self.mode
-        params = self._best if self.keeps_best else state.members.params
+        params = self._best if self.keeps_best else steps.eval_variables(state.members)
         num_params, mem_figures = self.num_params(state), self.parts.memory
         k = config.ensemble.num_members
         history = progress.history

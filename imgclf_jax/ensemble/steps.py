@@ -61,11 +61,12 @@ def _all_finite(params: Any) -> jax.Array:
 
 def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, model, tx, l2: float,
                         mode: str, shared_data: bool, loss_fn=None,
-                        batch_transform=None) -> tuple[EnsembleState, dict]:
+                        batch_transform=None, ema_decay: float = 0.0) -> tuple[EnsembleState, dict]:
     """One optimizer update of every active member.
 
-    `loss_fn` and `batch_transform` as in :func:`imgclf_jax.steps.train_step` (None = the default
-    loss, no transform); the transform runs per member, with that member's key (so with shared
+    `loss_fn`, `batch_transform` and `ema_decay` as in :func:`imgclf_jax.steps.train_step` (None/0 = the
+    default loss, no transform, no EMA); each member has its own BatchNorm statistics and EMA (they are
+    part of its stacked TrainState); the transform runs per member, with that member's key (so with shared
     data each member still draws its own transform).
 
     Returns:
@@ -76,7 +77,7 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, m
     """
     num_members = state.active.shape[0]
     step_fn = functools.partial(steps.train_step, model=model, tx=tx, l2=l2, loss_fn=loss_fn,
-                                batch_transform=batch_transform)
+                                batch_transform=batch_transform, ema_decay=ema_decay)
     mapped = map_members(step_fn, mode, num_members, (0, None if shared_data else 0, 0))
     new, metrics = mapped(state.members, batch, keys)
     finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite(new.params)
@@ -103,14 +104,15 @@ def ensemble_eval_step(params: Any, batch: dict, *, model, l2: float, mode: str,
 
 
 def jit_train_step(model, tx, l2: float, mesh, mode: str, shared_data: bool, *, loss_fn=None,
-                   batch_transform=None) -> Callable:
+                   batch_transform=None, ema_decay: float = 0.0) -> Callable:
     """:func:`ensemble_train_step` compiled over `mesh`: state replicated and donated, batch split on B."""
     rep = parallel.replicated(mesh)
     split = parallel.batch_sharded(mesh) if shared_data else parallel.member_batch_sharded(mesh)
 
     def step(state, batch, keys):
         return ensemble_train_step(state, batch, keys, model=model, tx=tx, l2=l2, mode=mode,
-                                   shared_data=shared_data, loss_fn=loss_fn, batch_transform=batch_transform)
+                                   shared_data=shared_data, loss_fn=loss_fn, batch_transform=batch_transform,
+                                   ema_decay=ema_decay)
 
     return jax.jit(step, in_shardings=(rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
 
@@ -127,7 +129,8 @@ def jit_eval_step(model, l2: float, mesh, mode: str, *, loss_fn=None, eval_trans
                    out_shardings=(rep, parallel.member_batch_sharded(mesh)))
 
 
-def create_ensemble_state(model, tx, init_keys: jax.Array, image_size: int) -> EnsembleState:
+def create_ensemble_state(model, tx, init_keys: jax.Array, image_size: int,
+                          ema_decay: float = 0.0) -> EnsembleState:
     """Member i initialized from ``init_keys[i]`` exactly as a plain run; all members active."""
-    members = jax.vmap(lambda key: steps.create_train_state(model, tx, key, image_size))(init_keys)
+    members = jax.vmap(lambda key: steps.create_train_state(model, tx, key, image_size, ema_decay))(init_keys)
     return EnsembleState(members=members, active=jnp.ones(init_keys.shape[0], bool))

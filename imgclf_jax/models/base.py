@@ -72,6 +72,8 @@ class ModelEntry:
         (params: the params tree or the variables ``{'params': ...}``, see :func:`params_dict`).
       describe: ``(model_config) -> str``, the model in a few words for the start banner; None: the
         model's name and its own keys with their values.
+      takes_mask: whether ``apply`` takes ``mask=bool[B]`` (the batch's real rows), which the train step
+        then passes, so that BatchNorm statistics leave out padding rows.
       size_keys: the model's keys that set its size, named when the memory check asks for a smaller
         model (e.g. ``('conv_filters', 'dense_units')``).
     """
@@ -85,6 +87,7 @@ class ModelEntry:
     regularized_kernels: Callable[[Any], dict]
     size_keys: tuple[str, ...] = ()
     describe: Callable[[Any], str] | None = None
+    takes_mask: bool = False
 
 
 def register(entry: ModelEntry) -> ModelEntry:
@@ -93,8 +96,9 @@ def register(entry: ModelEntry) -> ModelEntry:
 
 
 def params_dict(params: Any) -> Any:
-    """Accepts either the variables ``{'params': {...}}`` or the params tree itself; returns the tree."""
-    if hasattr(params, "keys") and set(params.keys()) == {"params"}:
+    """Accepts either the variables ``{'params': {...}, ...}`` (other collections, e.g. ``batch_stats``,
+    ignored) or the params tree itself; returns the tree."""
+    if hasattr(params, "keys") and "params" in params.keys():
         return params["params"]
     return params
 

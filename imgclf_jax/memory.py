@@ -4,10 +4,12 @@
 shapes (nothing is allocated or run; a second or two) and reads XLA's
 ``memory_analysis()``: the params, the optimizer state (Adam: two moments, the
 size of the params each) and the step's temporaries (activations kept for the
-backward pass, gradients and workspace) at the per-device batch.
+backward pass, BatchNorm's normalized inputs and statistics included, gradients
+and workspace) at the per-device batch; plus the model's non-param state
+(BatchNorm's running mean and variance, :func:`model_state_bytes`).
 
 An ensemble of K members needs about K times one member plus, when early
-stopping restores the best weights, a copy of each member's params
+stopping restores the best weights, a copy of each member's params and model state
 (:func:`ensemble_need_bytes`). That is an upper estimate for the 'unroll'
 mapping, where XLA may reuse one member's temporaries for the next.
 :func:`check_fits` compares it with what the backend has: each device's free
@@ -38,6 +40,7 @@ class MemberMemory:
 
     params: the parameters; opt_state: the optimizer state (Adam: 2 x params plus a counter);
     temp: the train step's temporaries at `batch` images per device (activations, gradients);
+    model_state: the model's variables other than params (BatchNorm's ``batch_stats``; 0 without);
     model_keys: the model's keys that set its size (its entry's ``size_keys``), named in the advice
     of :func:`check_fits`; not a figure, so not in :meth:`as_dict`.
     """
@@ -46,21 +49,30 @@ class MemberMemory:
     opt_state: int
     temp: int
     batch: int
+    model_state: int = 0
     model_keys: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
-        """params + opt_state + temp."""
-        return self.params + self.opt_state + self.temp
+        """params + model_state + opt_state + temp."""
+        return self.params + self.model_state + self.opt_state + self.temp
 
     def as_dict(self) -> dict:
-        """The figures (params, opt_state, temp, batch) and the total, in bytes."""
-        return {"params": self.params, "opt_state": self.opt_state, "temp": self.temp, "batch": self.batch,
-                "total": self.total}
+        """The figures (params, model_state, opt_state, temp, batch) and the total, in bytes."""
+        return {"params": self.params, "model_state": self.model_state, "opt_state": self.opt_state,
+                "temp": self.temp, "batch": self.batch, "total": self.total}
 
 
 def _nbytes(tree) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def model_state_bytes(model, image_size: int) -> int:
+    """Bytes of `model`'s variables other than ``params`` (BatchNorm's running mean and variance), from
+    ``jax.eval_shape`` of its init on image_size^2 x 3 images (nothing allocated); 0 for a model without."""
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+    return _nbytes({name: tree for name, tree in variables.items() if name != "params"})
 
 
 def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) -> MemberMemory:
@@ -80,12 +92,14 @@ def member_memory(model, tx, l2: float, image_size: int, batch_per_device: int) 
     analysis = step.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
     temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
     return MemberMemory(params=_nbytes(state.params), opt_state=_nbytes(state.opt_state), temp=temp,
-                        batch=batch_per_device, model_keys=tuple(entry_for(model).size_keys))
+                        batch=batch_per_device, model_state=model_state_bytes(model, image_size),
+                        model_keys=tuple(entry_for(model).size_keys))
 
 
 def ensemble_need_bytes(member: MemberMemory, num_members: int, keeps_best: bool) -> int:
-    """Bytes per device for `num_members` members (plus each member's best params when `keeps_best`)."""
-    return num_members * (member.total + (member.params if keeps_best else 0))
+    """Bytes per device for `num_members` members (plus each member's best params and model state when
+    `keeps_best`)."""
+    return num_members * (member.total + (member.params + member.model_state if keeps_best else 0))
 
 
 def available_bytes(devices) -> tuple[int | None, str]:
@@ -131,7 +145,9 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
     if free is None or need <= free:
         return figures
     per = ensemble_need_bytes(member, 1, keeps_best)
-    parts = (f"params {member.params / GIB:.2f}, optimizer state {member.opt_state / GIB:.2f}, "
+    parts = (f"params {member.params / GIB:.2f}, "
+             + (f"BatchNorm statistics {member.model_state / GIB:.2f}, " if member.model_state else "")
+             + f"optimizer state {member.opt_state / GIB:.2f}, "
              f"step temporaries at batch {member.batch} per device {member.temp / GIB:.2f}"
              f"{f', best params copy {member.params / GIB:.2f}' if keeps_best else ''}")
     if num_members > 1:
@@ -143,7 +159,8 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
     if num_members > 1 and free >= per:
         raise ConfigError(f"{head}; use ensemble.num_members <= {free // per} or a smaller train.batch_size")
     members = f"{num_members} members' " if num_members > 1 else ""
-    fixed = num_members * (member.params + member.opt_state + (member.params if keeps_best else 0))
+    fixed = num_members * (member.params + member.model_state + member.opt_state
+                           + (member.params + member.model_state if keeps_best else 0))
     image = f"data.image_size (now {image_size})" if image_size else "data.image_size"
     keys = ", ".join(f"model.{key}" for key in member.model_keys) or "its model.* keys"
     if fixed >= free or not member.temp:

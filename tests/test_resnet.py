@@ -271,7 +271,7 @@ def test_summary_and_memory_of_a_tiny_resnet(tmp_path, capsys):
     assert summary.main(["--config", str(path), "--num_classes", str(NUM_CLASSES)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"{path}: model 'resnet', input 16x16x3, 3 classes, logits [1, 3]"
-    assert any(line.startswith("stage1_block0/proj_bn  stage1") for line in out)
+    assert ["stage1_block0/proj_bn", "stage1", "8x8x8", "16", "-"] in [line.split() for line in out]
     assert "total: 1,391 parameters, 0.32 MFLOPs per image (forward) (+ 72 non-trainable values: batch_stats)" \
         in out
     figures = json.loads(out[-1])

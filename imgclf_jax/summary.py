@@ -19,13 +19,16 @@ activations kept for the backward pass, gradients, workspace; from XLA's
 total for ``ensemble.num_members`` members, and, as the last line, one JSON
 object::
 
-  {"num_params": N, "flops_per_image": F, "flops_convention": "...",
-   "memory_per_member_bytes": {"params": .., "opt_state": .., "temp": .., "batch": .., "total": ..},
+  {"num_params": N, "num_state": S, "flops_per_image": F, "flops_convention": "...",
+   "memory_per_member_bytes": {"params": .., "model_state": .., "opt_state": .., "temp": .., "batch": ..,
+                               "total": ..},
    "num_members": K, "memory_need_bytes": M}
 
 FLOPs are counted analytically (:func:`count_flops`): 2 per multiply-add of the
-conv and dense layers; bias adds, ReLU, pooling, dropout and concatenation are
-not counted.
+conv and dense layers; bias adds, ReLU, pooling, dropout, concatenation,
+BatchNorm and residual adds are not counted. ``num_state`` counts the model's
+non-trainable values (BatchNorm's running mean and variance; 0 for the branched
+CNN), which are not in ``num_params``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import json
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 
@@ -44,7 +49,7 @@ from imgclf_jax.errors import ConfigError
 
 FLOPS_CONVENTION = (
     "forward pass, one image: 2 FLOPs per multiply-add of the conv and dense layers; "
-    "bias adds, ReLU, pooling, dropout and concatenation not counted"
+    "bias adds, ReLU, pooling, dropout, concatenation, BatchNorm and residual adds not counted"
 )
 
 
@@ -59,12 +64,36 @@ def count_flops(model_config: Any, image_size: int, num_classes: int) -> int:
     return 2 * sum(row.macs for row in models.layer_specs(model_config, image_size, num_classes))
 
 
-def param_counts(model: nn.Module, image_size: int) -> dict[str, int]:
-    """``{layer name: parameter count}`` of the real module, from ``jax.eval_shape`` (no init)."""
+def _variables_shape(model: nn.Module, image_size: int) -> Any:
+    """The shapes of ``model.init``'s variables on one image_size^2 x 3 image (``jax.eval_shape``, no init)."""
     images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
-    return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(layer))
-            for name, layer in variables["params"].items()}
+    return jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), images)
+
+
+def _counts_by_layer(tree: Any) -> dict[str, int]:
+    """``{layer path: values}``: a layer is the dict that holds arrays; nested ones join with '/'."""
+    counts: dict[str, int] = {}
+    for path, leaf in traverse_util.flatten_dict(tree).items():
+        name = "/".join(path[:-1])
+        counts[name] = counts.get(name, 0) + math.prod(leaf.shape)
+    return counts
+
+
+def param_counts(model: nn.Module, image_size: int) -> dict[str, int]:
+    """``{layer name: parameter count}`` of the real module, from ``jax.eval_shape`` (no init).
+
+    A layer inside a submodule is named by its path (``stage0_block0/conv1``), as in
+    :class:`imgclf_jax.models.LayerSpec`.
+    """
+    return _counts_by_layer(flax.core.unfreeze(_variables_shape(model, image_size)["params"]))
+
+
+def state_counts(model: nn.Module, image_size: int) -> dict[str, int]:
+    """``{collection: values}`` of the real module's non-param variables (BatchNorm's ``batch_stats``:
+    running mean and variance, 2 per channel); {} for a model without any."""
+    variables = flax.core.unfreeze(_variables_shape(model, image_size))
+    return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+            for name, tree in variables.items() if name != "params"}
 
 
 def output_shape(model: nn.Module, image_size: int, batch: int = 1) -> tuple[int, ...]:
@@ -117,11 +146,14 @@ def main(argv: list[str]) -> int:
         raise RuntimeError(f"unexpected logits shape {logits}")
 
     num_params = sum(real.values())
+    state = state_counts(model, size)  # e.g. BatchNorm's running statistics: not trained, not in num_params
+    num_state = sum(state.values())
     flops = count_flops(config.model, size, num_classes)
     print(f"{args.config_path}: model '{models.model_entry(config.model).name}', input {size}x{size}x3, "
           f"{num_classes} classes, logits {list(logits)}")
     print(format_table(rows))
-    print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward)")
+    extra = (f" (+ {num_state:,} non-trainable values: {', '.join(state)})" if num_state else "")
+    print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward){extra}")
 
     from imgclf_jax import memory
     from imgclf_jax.optim import create_optimizer
@@ -134,10 +166,11 @@ def main(argv: list[str]) -> int:
     need = memory.ensemble_need_bytes(member, k, keeps_best)
     mib = 2.0**20
     print(f"memory per member, batch {batch} on one device: params {member.params / mib:,.1f} MiB, "
+          + (f"BatchNorm statistics {member.model_state / mib:,.2f} MiB, " if member.model_state else "") +
           f"optimizer state {member.opt_state / mib:,.1f} MiB, step temporaries {member.temp / mib:,.1f} MiB"
-          f"{f', best-weights copy {member.params / mib:,.1f} MiB' if keeps_best else ''}; "
+          f"{f', best-weights copy {(member.params + member.model_state) / mib:,.1f} MiB' if keeps_best else ''}; "
           f"{k} member{'s' if k > 1 else ''}: {need / mib:,.1f} MiB")
-    print(json.dumps({"num_params": num_params, "flops_per_image": flops,
+    print(json.dumps({"num_params": num_params, "num_state": num_state, "flops_per_image": flops,
                       "flops_convention": FLOPS_CONVENTION, "memory_per_member_bytes": member.as_dict(),
                       "num_members": k, "memory_need_bytes": need}))
     return 0

@@ -218,11 +218,12 @@ def test_model_name_overrides_come_first_and_rebuild_the_section(one_conv):
 
 
 def test_an_unknown_model_name_is_one_line_listing_the_registered_names(one_conv, tmp_path):
-    message = "config key 'model.name' must be one of ('branched_cnn', 'one_conv'), got 'resnet'"
+    message = ("config key 'model.name' must be one of ('branched_cnn', 'resnet', 'resnet18', 'resnet9', "
+               "'one_conv'), got 'vit'")
     with pytest.raises(ConfigError) as e:
-        config_lib.apply_override(config_lib.base_config(), "model.name", "resnet")
+        config_lib.apply_override(config_lib.base_config(), "model.name", "vit")
     assert str(e.value) == message
-    path = write_config(tmp_path, ['c.model.name = "resnet"'])
+    path = write_config(tmp_path, ['c.model.name = "vit"'])
     with pytest.raises(ConfigError) as e:
         config_lib.load_config_file(path)
     assert str(e.value) == f"{path}: {message}"
@@ -230,10 +231,11 @@ def test_an_unknown_model_name_is_one_line_listing_the_registered_names(one_conv
 
 def test_an_unknown_model_name_on_the_command_line_is_one_line():
     done = subprocess.run([sys.executable, "-m", "imgclf_jax.summary", "--config", "configs/digits.py",
-                           "--config.model.name=resnet"], cwd=ROOT, capture_output=True, text=True)
+                           "--config.model.name=vit"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        "imgclf_jax.summary: error: config key 'model.name' must be one of ('branched_cnn',), got 'resnet'"]
+        "imgclf_jax.summary: error: config key 'model.name' must be one of ('branched_cnn', 'resnet', 'resnet18', "
+        "'resnet9'), got 'vit'"]
 
 
 def test_a_saved_config_without_model_name_is_the_branched_cnn():

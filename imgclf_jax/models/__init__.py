@@ -3,8 +3,9 @@
 Each family registers one :class:`ModelEntry` (:mod:`imgclf_jax.models.base`): its
 constructor, its layer specs, the kernels its L2 applies to, its own config keys
 and its validation. The branched CNN of the reference attempts
-(:mod:`imgclf_jax.models.cnn`, ``model.name='branched_cnn'``) is the default and,
-today, the one entry. Everything outside this package goes through these helpers:
+(:mod:`imgclf_jax.models.cnn`, ``model.name='branched_cnn'``) is the default; the
+residual CNNs with BatchNorm (:mod:`imgclf_jax.models.resnet`: ``'resnet'``,
+``'resnet18'``, ``'resnet9'``) are the others. Everything outside this package goes through these helpers:
 
 - :func:`create_model`: the flax module of a config's ``model`` section; it returns logits.
 - :func:`layer_specs`: the analytic per-layer shapes, parameter counts and
@@ -34,6 +35,7 @@ from imgclf_jax.models.base import (
     register,
 )
 from imgclf_jax.models.cnn import LOGITS, BranchedCNN  # registers 'branched_cnn'
+from imgclf_jax.models.resnet import ResNet  # registers 'resnet', 'resnet18', 'resnet9'
 
 __all__ = [
     "COMMON_KEYS",
@@ -43,6 +45,7 @@ __all__ = [
     "BranchedCNN",
     "LayerSpec",
     "ModelEntry",
+    "ResNet",
     "create_model",
     "describe_model",
     "entry_for",

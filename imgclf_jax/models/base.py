@@ -36,10 +36,12 @@ class LayerSpec:
       name: the param-tree name for layers with parameters (``conv_0``, ``logits``),
         else a descriptive one (``pool_0``, ``flatten``).
       kind: what the layer does, e.g. 'conv', 'max_pool', 'dropout', 'flatten', 'avg_pool',
-        'concat' or 'dense'.
+        'concat', 'batch_norm', 'add', 'global_avg_pool' or 'dense'.
       output_shape: per-image output shape, (H, W, C) or (N,).
-      params: number of parameters (kernel + bias); the rows' params per ``name`` must equal the
-        real module's (``summary`` checks it).
+      params: number of parameters (kernel + bias; BatchNorm scale + bias, its running mean and
+        variance being state, not params); the rows' params per ``name`` must equal the real
+        module's (``summary`` checks it). A layer inside a submodule is named by its path,
+        ``block/conv1``.
       macs: multiply-accumulates per image (convs and dense layers; 0 otherwise); FLOPs = 2 x macs.
       branch: the part of the model the layer belongs to, e.g. 'main', 'side' or 'head'.
     """
@@ -66,14 +68,18 @@ class ModelEntry:
         (``config key 'model.K' must be ..., got V``) for an impossible value.
       create: ``(model_config, num_classes) -> flax module`` whose ``apply(variables, images
         float32[B, H, W, 3], train=bool, rngs={'dropout': key})`` returns float32[B, num_classes] logits.
+        A model with state besides its params (BatchNorm's ``batch_stats``) has it in the variables
+        ``model.init`` returns, and in training is applied with ``mutable=[those collections]``.
+      takes_mask: the module's ``__call__`` takes ``mask=bool[B] | None`` (the batch's real rows; None =
+        all): a BatchNorm model computes its training statistics over those rows only, so padding rows
+        never enter them. The train step passes ``mask=batch['mask']`` only when this is True (the
+        branched CNN: False; the ResNets: True).
       layer_specs: ``(model_config, image_size, num_classes) -> list[LayerSpec]``, the layers of the
         module on image_size x image_size x 3 images; raises ConfigError when the image is too small.
       regularized_kernels: ``(params) -> {layer name: kernel}``, the kernels ``model.l2`` applies to
         (params: the params tree or the variables ``{'params': ...}``, see :func:`params_dict`).
       describe: ``(model_config) -> str``, the model in a few words for the start banner; None: the
         model's name and its own keys with their values.
-      takes_mask: whether ``apply`` takes ``mask=bool[B]`` (the batch's real rows), which the train step
-        then passes, so that BatchNorm statistics leave out padding rows.
       size_keys: the model's keys that set its size, named when the memory check asks for a smaller
         model (e.g. ``('conv_filters', 'dense_units')``).
     """

@@ -69,7 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     # keys are all at their defaults is off (draws nothing):
     #   keras_affine: rotation_deg (angle uniform in [-r, r] degrees), shift_fraction (each shift uniform in
     #     [-s, s] x image size), zoom_fraction (two zoom factors, one per axis, each uniform in [1-z, 1+z]);
-    #   horizontal_flip: horizontal_flip (flip with probability 0.5).
+    #   horizontal_flip: horizontal_flip (flip with probability 0.5);
+    #   random_crop: crop_padding (pixels padded on each side, 0 = off; then a crop back to the image's size
+    #     at an offset uniform in {0..2p} per axis), crop_padding_mode ('reflect', 'edge' or 'constant' zeros).
     c.augment = ml_collections.ConfigDict()
     c.augment.ops = augment.DEFAULT_OPS
     for key, default in augment.op_defaults().items():

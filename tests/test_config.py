@@ -255,7 +255,7 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.augment.ops=keras_affine,blur"],
-     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip'), got 'blur'"),
+     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip', 'random_crop'), got 'blur'"),
     (["--config.augment.ops=keras_affine,keras_affine"],
      "config key 'augment.ops' lists 'keras_affine' twice (keras_affine, keras_affine): each op runs at most once"),
     (["--config.augment.ops=(horizontal_flip,)"],  # ml6 sets rotation_deg=20: it would be ignored

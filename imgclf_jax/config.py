@@ -52,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "~/.cache/imgclf_jax"  # prepared array_record files; never inside data.dir
     c.data.image_size = 128  # pixels; images are resized to image_size x image_size
     c.data.resize_method = "nearest"  # PIL filter; 'nearest' is Keras load_img's default
+    # Per-channel normalization (R, G, B), in units of the [0, 1] pixel scale: image = (x / 255 - mean) / std,
+    # the same for training, validation, test and predict. () = off (images in [0, 1]); set both or neither.
+    # `python -m imgclf_jax.channel_stats --config CONFIG` computes them from the training split.
+    c.data.channel_mean = ()
+    c.data.channel_std = ()
     c.data.max_train_examples = 0  # 0 = all; else a class-balanced subset, taken before resampling
     c.data.max_val_examples = 0  # 0 = all; else a class-balanced subset
     # 0 = infer (competition: largest training label + 1; folders: the class folders); else competition
@@ -452,6 +457,27 @@ def check_builder_keys(data: ml_collections.ConfigDict) -> None:
                           "(--config.data.dir=PATH)")
 
 
+def check_normalization(data: ml_collections.ConfigDict) -> None:
+    """Checks ``data.channel_mean`` / ``data.channel_std``: both () (off) or both 3 numbers, every std > 0.
+
+    Raises:
+      ConfigError: one line naming the key.
+    """
+    mean, std = tuple(data.channel_mean), tuple(data.channel_std)
+    if bool(mean) != bool(std):
+        given, missing = ("channel_mean", "channel_std") if mean else ("channel_std", "channel_mean")
+        raise ConfigError(f"config key 'data.{given}' is set but 'data.{missing}' is not: set both (3 values "
+                          f"each, R, G, B) or neither (off); `python -m imgclf_jax.channel_stats --config ...` "
+                          "computes them")
+    for key, values in (("channel_mean", mean), ("channel_std", std)):
+        if values and (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   and math.isfinite(v) for v in values)):
+            raise ConfigError(f"config key 'data.{key}' must be 3 finite numbers (R, G, B, in units of the "
+                              f"[0, 1] pixel scale) or () (off), got {values!r}")
+    if std and not all(v > 0 for v in std):
+        raise ConfigError(f"config key 'data.channel_std' must be > 0 in every channel, got {std!r}")
+
+
 def check_optimizer(o: ml_collections.ConfigDict) -> None:
     """Checks the optimizer section against :data:`imgclf_jax.optim.OPTIMIZERS` and ``SCHEDULES``.
 
@@ -524,6 +550,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
+    check_normalization(d)
     validate_recipe(config)
     _check_model_keys(m)
     model_entry(m).validate(m, d.image_size)  # the model's own keys (imgclf_jax.models.MODELS)

@@ -175,6 +175,12 @@ def test_per_channel_normalization_by_hand_in_training_and_evaluation():
         real = b["row"][b["mask"]]
         expected = (real[:, None] / 255.0 - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
         np.testing.assert_allclose(b["image"][b["mask"]][:, 2, 3], expected, rtol=1e-5, atol=1e-6)
+    # predict reads the keys from the run's config.json (tuples come back as lists): the same values.
+    import json
+
+    saved = ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))
+    for a, b in zip(pipeline.normalization(saved.data), pipeline.normalization(config.data)):
+        np.testing.assert_array_equal(a, b)
     # Off (the default, or a run's config.json from before the keys): x / 255 exactly, as before.
     plain = make_config(batch_size=4, image_size=6)
     assert pipeline.normalization(plain.data) is None

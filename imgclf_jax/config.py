@@ -106,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
     # e.g. 'horizontal_flip_tta': mean softmax over the image and its mirror; validation, test, predict).
     c.train.batch_transform = ""
     c.train.eval_transform = ""
+    # The eval transforms' keys (imgclf_jax.eval_transforms; each read only by the transform that declares it,
+    # any other must stay at its default): shift_pixels (flip_shift_tta: the +-s pixel shifts of its views).
+    c.tta = tta_section()
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -115,6 +118,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.ensemble.mapping = "auto"
     c.ensemble.vote = "majority"  # rule for submission.csv and the confusion matrix: 'majority' or 'soft'
     return c
+
+
+def tta_section() -> ml_collections.ConfigDict:
+    """The ``tta`` section: every key an :data:`imgclf_jax.eval_transforms.EVAL_TRANSFORMS` entry reads, at its
+    default (read from the table when called, so an entry registered later brings its keys)."""
+    from imgclf_jax import eval_transforms  # here: jax is slow to import, and eval_transforms never imports config
+
+    t = ml_collections.ConfigDict()
+    for key, default in eval_transforms.tta_defaults().items():
+        t[key] = default
+    return t
 
 
 def _union_of_keys(table: Any, taken: set[str]) -> dict[str, Any]:
@@ -572,13 +586,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:
-    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots.
+    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots, tta.
 
     Raises:
       ConfigError: one line naming the key: an unknown or repeated op, a key of an op not in
         ``augment.ops`` away from its default, an op's value out of range, an unknown
-        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, or a loss that
-        cannot take the soft targets the batch transform makes.
+        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, a loss that
+        cannot take the soft targets the batch transform makes, a ``tta`` value out of range,
+        or a ``tta`` key the chosen eval transform does not read away from its default.
     """
     from imgclf_jax import batch_transforms, eval_transforms, losses
     from imgclf_jax.data import augment
@@ -588,4 +603,8 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
     transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)
-    eval_transforms.EVAL_TRANSFORMS.get(config.train.eval_transform)
+    chosen = eval_transforms.entry(config.train.eval_transform)
+    for name in eval_transforms.EVAL_TRANSFORMS:
+        eval_transforms.entry(name).validate(config.tta)
+    check_unused_keys(config.tta, "tta", eval_transforms.tta_defaults(), set(chosen.keys) if chosen else set(),
+                      f"train.eval_transform={config.train.eval_transform!r}")

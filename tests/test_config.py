@@ -266,7 +266,7 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
     (["--config.train.batch_transform=mixup"],
      "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
     (["--config.train.eval_transform=five_crop"],
-     "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta',), got 'five_crop'"),
+     "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta', 'flip_shift_tta'), got 'five_crop'"),
 ])
 def test_recipe_names_are_checked_against_their_tables(overrides, message):
     with pytest.raises(ConfigError) as info:

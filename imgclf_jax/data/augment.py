@@ -11,8 +11,10 @@ per-image generator that grain seeds by (seed, position). Ops (:data:`AUGMENT_OP
 - ``'random_crop'`` (keys ``augment.crop_padding``, ``crop_padding_mode``): pad
   each side by ``crop_padding`` pixels (``numpy.pad`` mode 'reflect', 'edge' or
   'constant' zeros) and crop back to the image's size at a uniform random
-  offset: the CIFAR/ResNet recipe (He et al. 2016, section 4.2, 4-pixel
-  padding and a 32x32 crop, there with zero padding). List it before the flip,
+  offset: the CIFAR/ResNet recipe (He et al. 2016, section 4.2: 4 pixels
+  padded on each side, a random 32x32 crop, and a flip; the paper does not
+  name the padding values: torchvision-style code pads zeros, the fast-training
+  line reflects, our default). List it before the flip,
   e.g. ``augment.ops=('random_crop', 'horizontal_flip')``.
 
 The default ``('keras_affine', 'horizontal_flip')`` is Keras's order (warp, then

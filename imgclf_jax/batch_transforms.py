@@ -3,7 +3,8 @@
 A batch transform runs inside the jitted train step, on the device, before the
 forward pass: ``fn(batch, key, num_classes) -> batch`` (``num_classes``: the run's class count,
 the width of any ``targets`` it makes). ``batch`` is the step's batch
-(``image float32[B, H, W, 3]`` in [0, 1], ``label int32[B]``, ``mask bool[B]``);
+(``image float32[B, H, W, 3]``: in [0, 1], or per-channel normalized when ``data.channel_mean`` /
+``channel_std`` are set (:mod:`imgclf_jax.data.pipeline`), ``label int32[B]``, ``mask bool[B]``);
 the transform returns a batch of the same shapes and may add
 ``targets float32[B, num_classes]`` (soft labels, rows summing to 1; the loss then
 reads them, see :mod:`imgclf_jax.losses`). It must leave padding rows padding

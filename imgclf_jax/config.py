@@ -52,6 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = "~/.cache/imgclf_jax"  # prepared array_record files; never inside data.dir
     c.data.image_size = 128  # pixels; images are resized to image_size x image_size
     c.data.resize_method = "nearest"  # PIL filter; 'nearest' is Keras load_img's default
+    # Per-channel normalization (R, G, B), in units of the [0, 1] pixel scale: image = (x / 255 - mean) / std,
+    # the same for training, validation, test and predict. () = off (images in [0, 1]); set both or neither.
+    # `python -m imgclf_jax.channel_stats --config CONFIG` computes them from the training split.
+    c.data.channel_mean = ()
+    c.data.channel_std = ()
     c.data.max_train_examples = 0  # 0 = all; else a class-balanced subset, taken before resampling
     c.data.max_val_examples = 0  # 0 = all; else a class-balanced subset
     # 0 = infer (competition: largest training label + 1; folders: the class folders); else competition
@@ -69,7 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     # keys are all at their defaults is off (draws nothing):
     #   keras_affine: rotation_deg (angle uniform in [-r, r] degrees), shift_fraction (each shift uniform in
     #     [-s, s] x image size), zoom_fraction (two zoom factors, one per axis, each uniform in [1-z, 1+z]);
-    #   horizontal_flip: horizontal_flip (flip with probability 0.5).
+    #   horizontal_flip: horizontal_flip (flip with probability 0.5);
+    #   random_crop: crop_padding (pixels padded on each side, 0 = off; then a crop back to the image's size
+    #     at an offset uniform in {0..2p} per axis), crop_padding_mode ('reflect', 'edge' or 'constant' zeros).
     c.augment = ml_collections.ConfigDict()
     c.augment.ops = augment.DEFAULT_OPS
     for key, default in augment.op_defaults().items():
@@ -103,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
     # min(ema_decay, (1 + t) / (10 + t)) at update t (TensorFlow's ExponentialMovingAverage warm-up); 0.0 = off.
     # When on, validation, early stopping's best weights, the result checkpoint and predict use the average.
     c.train.ema_decay = 0.0
+    # The eval transforms' keys (imgclf_jax.eval_transforms; each read only by the transform that declares it,
+    # any other must stay at its default): shift_pixels (flip_shift_tta: the +-s pixel shifts of its views).
+    c.tta = tta_section()
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -112,6 +122,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.ensemble.mapping = "auto"
     c.ensemble.vote = "majority"  # rule for submission.csv and the confusion matrix: 'majority' or 'soft'
     return c
+
+
+def tta_section() -> ml_collections.ConfigDict:
+    """The ``tta`` section: every key an :data:`imgclf_jax.eval_transforms.EVAL_TRANSFORMS` entry reads, at its
+    default (read from the table when called, so an entry registered later brings its keys)."""
+    from imgclf_jax import eval_transforms  # here: jax is slow to import, and eval_transforms never imports config
+
+    t = ml_collections.ConfigDict()
+    for key, default in eval_transforms.tta_defaults().items():
+        t[key] = default
+    return t
 
 
 def _union_of_keys(table: Any, taken: set[str]) -> dict[str, Any]:
@@ -454,6 +475,27 @@ def check_builder_keys(data: ml_collections.ConfigDict) -> None:
                           "(--config.data.dir=PATH)")
 
 
+def check_normalization(data: ml_collections.ConfigDict) -> None:
+    """Checks ``data.channel_mean`` / ``data.channel_std``: both () (off) or both 3 numbers, every std > 0.
+
+    Raises:
+      ConfigError: one line naming the key.
+    """
+    mean, std = tuple(data.channel_mean), tuple(data.channel_std)
+    if bool(mean) != bool(std):
+        given, missing = ("channel_mean", "channel_std") if mean else ("channel_std", "channel_mean")
+        raise ConfigError(f"config key 'data.{given}' is set but 'data.{missing}' is not: set both (3 values "
+                          f"each, R, G, B) or neither (off); `python -m imgclf_jax.channel_stats --config ...` "
+                          "computes them")
+    for key, values in (("channel_mean", mean), ("channel_std", std)):
+        if values and (len(values) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                   and math.isfinite(v) for v in values)):
+            raise ConfigError(f"config key 'data.{key}' must be 3 finite numbers (R, G, B, in units of the "
+                              f"[0, 1] pixel scale) or () (off), got {values!r}")
+    if std and not all(v > 0 for v in std):
+        raise ConfigError(f"config key 'data.channel_std' must be > 0 in every channel, got {std!r}")
+
+
 def check_optimizer(o: ml_collections.ConfigDict) -> None:
     """Checks the optimizer section against :data:`imgclf_jax.optim.OPTIMIZERS` and ``SCHEDULES``.
 
@@ -526,6 +568,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
+    check_normalization(d)
     validate_recipe(config)
     _check_model_keys(m)
     model_entry(m).validate(m, d.image_size)  # the model's own keys (imgclf_jax.models.MODELS)
@@ -548,13 +591,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:
-    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots.
+    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots, tta.
 
     Raises:
       ConfigError: one line naming the key: an unknown or repeated op, a key of an op not in
         ``augment.ops`` away from its default, an op's value out of range, an unknown
-        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, or a loss that
-        cannot take the soft targets the batch transform makes.
+        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, a loss that
+        cannot take the soft targets the batch transform makes, a ``tta`` value out of range,
+        or a ``tta`` key the chosen eval transform does not read away from its default.
     """
     from imgclf_jax import batch_transforms, eval_transforms, losses
     from imgclf_jax.data import augment
@@ -564,4 +608,8 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
     transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)
-    eval_transforms.EVAL_TRANSFORMS.get(config.train.eval_transform)
+    chosen = eval_transforms.entry(config.train.eval_transform)
+    for name in eval_transforms.EVAL_TRANSFORMS:
+        eval_transforms.entry(name).validate(config.tta)
+    check_unused_keys(config.tta, "tta", eval_transforms.tta_defaults(), set(chosen.keys) if chosen else set(),
+                      f"train.eval_transform={config.train.eval_transform!r}")

@@ -10,8 +10,9 @@ The grid goes to ``--out``, or else to ``preview.png`` in the workdir
 
 Writes a PNG grid of the first `num_images` real rows of the given training
 epoch (1-based, as in history.json), each titled with its class name, exactly as the training
-pipeline yields them (resampled, shuffled, augmented, scaled to [0, 1]); and
-prints the per-class counts of that epoch. The same seed gives the same grid;
+pipeline yields them (resampled, shuffled, augmented, scaled to [0, 1]; with
+per-channel normalization on, ``data.channel_mean`` / ``channel_std``, it is
+undone for display, x * std + mean); and prints the per-class counts of that epoch. The same seed gives the same grid;
 another seed (``--config.seed=1``) gives another.
 """
 
@@ -91,6 +92,9 @@ def main(argv: list[str]) -> int:
     train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
     counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)
     images, labels = first_images(train, epoch, num_images)
+    norm = pipeline.normalization(config.data)
+    if norm is not None:  # show the pixels, not the model's normalized input
+        images = images * norm[1] + norm[0]
     count_text = ", ".join(f"{name}: {c}" for name, c in zip(data.class_names, counts))
     repeats = ",".join(map(str, config.data.class_repeats)) or "1 each"
     title = (

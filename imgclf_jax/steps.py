@@ -246,16 +246,17 @@ def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) 
 def eval_hooks(config: Any) -> tuple[losses.LossFn, eval_transforms.EvalTransformFn | None]:
     """(loss_fn, eval_transform) of a run's config: what evaluating its weights needs (predict).
 
-    Reads ``loss.name`` and ``train.eval_transform``; a key absent (the config.json of a run made
-    before these keys existed) counts as its default ('softmax_cross_entropy', '' = off = None).
+    Reads ``loss.name``, ``train.eval_transform`` and the ``tta`` keys it declares (bound into the
+    returned function, :func:`imgclf_jax.eval_transforms.from_config`); a key absent (the
+    config.json of a run made before these keys existed) counts as its default
+    ('softmax_cross_entropy', '' = off = None, the ``tta`` defaults).
 
     Raises:
       ConfigError: an unknown name.
     """
     loss = config.get("loss") or {}
-    train = config.get("train") or {}
     return (losses.LOSSES.get(loss.get("name", losses.DEFAULT)).fn,
-            eval_transforms.EVAL_TRANSFORMS.get(train.get("eval_transform", "")))
+            eval_transforms.from_config(config))
 
 
 def recipe_hooks(config: Any, num_classes: int | None = None

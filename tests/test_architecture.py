@@ -120,7 +120,7 @@ def test_only_the_run_chooses_between_the_plain_and_the_ensemble_job():
 
 
 @pytest.mark.parametrize("tool", ["imgclf_jax.predict", "imgclf_jax.vote", "imgclf_jax.results",
-                                  "imgclf_jax.summary", "imgclf_jax.preview"])
+                                  "imgclf_jax.summary", "imgclf_jax.preview", "imgclf_jax.channel_stats"])
 def test_tools_that_do_not_train_import_no_part_of_training(tool):
     training = {"imgclf_jax.loop", "imgclf_jax.driver", "imgclf_jax.plain", "imgclf_jax.ensemble.job",
                 "imgclf_jax.workdir_lock"}

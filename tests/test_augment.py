@@ -157,15 +157,25 @@ def test_an_op_not_listed_is_off_and_its_keys_must_stay_at_their_defaults():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(ops=("keras_affine", "sharpen")),
-     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip'), got 'sharpen'"),
+     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip', 'random_crop'), got 'sharpen'"),
     (dict(ops=("horizontal_flip", "keras_affine", "horizontal_flip")),
      "config key 'augment.ops' lists 'horizontal_flip' twice (horizontal_flip, keras_affine, horizontal_flip): "
      "each op runs at most once"),
     (dict(rotaton_deg=3.0), "unknown config key 'augment.rotaton_deg'; valid keys in 'augment': ops, "
-                            "rotation_deg, shift_fraction, zoom_fraction, horizontal_flip"),
+                            "rotation_deg, shift_fraction, zoom_fraction, horizontal_flip, crop_padding, "
+                            "crop_padding_mode"),
     (dict(rotation_deg=-1.0), "config key 'augment.rotation_deg' must be >= 0 degrees, got -1.0"),
     (dict(shift_fraction=1.0), "config key 'augment.shift_fraction' must be in [0, 1), got 1.0"),
     (dict(zoom_fraction=-0.1), "config key 'augment.zoom_fraction' must be in [0, 1), got -0.1"),
+    (dict(ops=("random_crop",), crop_padding=-1),
+     "config key 'augment.crop_padding' must be an int >= 0 pixels (0 = off), got -1"),
+    (dict(ops=("random_crop",), crop_padding=2, crop_padding_mode="wrap"),
+     "config key 'augment.crop_padding_mode' must be one of ('reflect', 'edge', 'constant'), got 'wrap'"),
+    (dict(ops=("random_crop",), crop_padding_mode="edge"),
+     "config key 'augment.crop_padding_mode' ('edge') is not used while augment.crop_padding is 0 (no crop): "
+     "set augment.crop_padding > 0 or leave the mode at 'reflect'"),
+    (dict(crop_padding=4), "config key 'augment.crop_padding' (4) belongs to op 'random_crop', which augment.ops "
+                           "(keras_affine, horizontal_flip) does not list: add the op or leave the key at 0"),
 ])
 def test_bad_recipes_are_one_line_config_errors(kwargs, message):
     with pytest.raises(ConfigError) as info:
@@ -198,3 +208,75 @@ def test_a_registered_op_gets_its_key_in_the_config_and_runs_in_order():
     finally:
         AUGMENT_OPS.unregister("vertical_flip")
     assert "vertical_flip" not in config_lib.base_config().augment
+
+
+# ----------------------------------------------------------------- random_crop
+
+
+def test_reflect_padding_by_hand_on_a_tiny_array():
+    from imgclf_jax.data.augment import random_crop
+
+    image = np.arange(9, dtype=np.float32).reshape(3, 3, 1).repeat(3, axis=-1)  # rows [0 1 2] [3 4 5] [6 7 8]
+
+    class Fixed:  # an rng whose one draw is the given (row, column) offset
+        def __init__(self, offset):
+            self.offset = offset
+
+        def integers(self, low, high, size):
+            assert (low, high, size) == (0, 5, 2)  # p = 2: offsets in {0..4}
+            return np.array(self.offset)
+
+    settings = {"crop_padding": 2, "crop_padding_mode": "reflect"}
+    # Reflect-padded by 2 (no edge repeat), row 0 .. 6 of the 7x7 padded image: [8 7 6 7 8 7 6], ...
+    # offset (0, 0) is the top-left 3x3 of it.
+    np.testing.assert_array_equal(random_crop(image, Fixed((0, 0)), settings)[..., 0],
+                                  [[8, 7, 6], [5, 4, 3], [2, 1, 0]])
+    np.testing.assert_array_equal(random_crop(image, Fixed((2, 2)), settings), image)  # the centre: unchanged
+    np.testing.assert_array_equal(random_crop(image, Fixed((1, 3)), settings)[..., 0],
+                                  [[4, 5, 4], [1, 2, 1], [4, 5, 4]])
+    np.testing.assert_array_equal(random_crop(image, Fixed((4, 4)), dict(settings, crop_padding_mode="edge"))[..., 0],
+                                  [[8, 8, 8], [8, 8, 8], [8, 8, 8]])
+    np.testing.assert_array_equal(random_crop(image, Fixed((0, 1)), dict(settings, crop_padding_mode="constant"))
+                                  [..., 0], [[0, 0, 0], [0, 0, 0], [0, 0, 1]])
+
+
+@pytest.mark.parametrize("mode", ["reflect", "edge", "constant"])
+def test_random_crop_equals_the_padded_array_sliced_at_the_drawn_offset(mode):
+    image = np.random.default_rng(0).integers(0, 256, (10, 10, 3)).astype(np.uint8)
+    params = AugmentParams(ops=("random_crop",), crop_padding=4, crop_padding_mode=mode)
+    padded = np.pad(image.astype(np.float32), ((4, 4), (4, 4), (0, 0)), mode=mode)
+    offsets = set()
+    for seed in range(12):
+        top, left = np.random.default_rng(seed).integers(0, 9, size=2)
+        out = random_augment(image, np.random.default_rng(seed), params)
+        assert out.dtype == np.float32 and out.shape == (10, 10, 3)
+        np.testing.assert_array_equal(out, padded[top:top + 10, left:left + 10])
+        offsets.add((int(top), int(left)))
+    assert len(offsets) > 6  # the offsets vary
+
+
+def test_crop_then_flip_draws_the_offset_then_the_flip():
+    image = np.random.default_rng(1).integers(0, 256, (8, 8, 3)).astype(np.uint8)
+    params = AugmentParams(ops=("random_crop", "horizontal_flip"), crop_padding=2, horizontal_flip=True,
+                           rotation_deg=0.0)
+    padded = np.pad(image.astype(np.float32), ((2, 2), (2, 2), (0, 0)), mode="reflect")
+    flips = set()
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        top, left = rng.integers(0, 5, size=2)
+        expected = padded[top:top + 8, left:left + 8]
+        flip = rng.random() < 0.5
+        expected = expected[:, ::-1] if flip else expected
+        np.testing.assert_array_equal(random_augment(image, np.random.default_rng(seed), params), expected)
+        flips.add(flip)
+    assert flips == {True, False}
+
+
+def test_random_crop_at_its_defaults_is_off_and_draws_nothing():
+    image = np.random.default_rng(2).integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    off = AugmentParams(ops=("random_crop", "horizontal_flip"), horizontal_flip=True)
+    only_flip = AugmentParams(ops=("horizontal_flip",), horizontal_flip=True)
+    assert not AugmentParams(ops=("random_crop",)).active
+    for seed in range(6):  # the flip's draw is the generator's first: nothing was drawn before it
+        np.testing.assert_array_equal(random_augment(image, np.random.default_rng(seed), off),
+                                      random_augment(image, np.random.default_rng(seed), only_flip))

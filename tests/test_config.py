@@ -255,7 +255,7 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
 
 @pytest.mark.parametrize("overrides, message", [
     (["--config.augment.ops=keras_affine,blur"],
-     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip'), got 'blur'"),
+     "config key 'augment.ops' must be one of ('keras_affine', 'horizontal_flip', 'random_crop'), got 'blur'"),
     (["--config.augment.ops=keras_affine,keras_affine"],
      "config key 'augment.ops' lists 'keras_affine' twice (keras_affine, keras_affine): each op runs at most once"),
     (["--config.augment.ops=(horizontal_flip,)"],  # ml6 sets rotation_deg=20: it would be ignored
@@ -266,12 +266,39 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
     (["--config.train.batch_transform=mixup"],
      "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
     (["--config.train.eval_transform=five_crop"],
-     "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta',), got 'five_crop'"),
+     "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta', 'flip_shift_tta'), got 'five_crop'"),
 ])
 def test_recipe_names_are_checked_against_their_tables(overrides, message):
     with pytest.raises(ConfigError) as info:
         cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), *overrides])
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--config.data.channel_mean=0.5,0.5,0.5"],
+     "config key 'data.channel_mean' is set but 'data.channel_std' is not: set both (3 values each, R, G, B) or "
+     "neither (off); `python -m imgclf_jax.channel_stats --config ...` computes them"),
+    (["--config.data.channel_std=0.2,0.2,0.2"], "config key 'data.channel_std' is set but 'data.channel_mean' is not"),
+    (["--config.data.channel_mean=0.5,0.5", "--config.data.channel_std=0.2,0.2,0.2"],
+     "config key 'data.channel_mean' must be 3 finite numbers (R, G, B, in units of the [0, 1] pixel scale) or () "
+     "(off), got (0.5, 0.5)"),
+    (["--config.data.channel_mean=0.5,0.5,0.5", "--config.data.channel_std=0.2,0.0,0.2"],
+     "config key 'data.channel_std' must be > 0 in every channel, got (0.2, 0.0, 0.2)"),
+    (["--config.data.channel_mean=0.5,0.5,x", "--config.data.channel_std=0.2,0.1,0.2"],
+     "config key 'data.channel_mean' must be 3 finite numbers"),
+])
+def test_channel_normalization_keys_are_checked(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), *overrides])
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_channel_normalization_keys_default_off_and_take_three_numbers():
+    c = config_lib.base_config()
+    assert c.data.channel_mean == () and c.data.channel_std == ()
+    args = cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), "--config.data.channel_mean=0.5,0.4,0.3",
+                           "--config.data.channel_std=(0.25, 0.2, 1)"])
+    assert args.config.data.channel_mean == (0.5, 0.4, 0.3) and args.config.data.channel_std == (0.25, 0.2, 1)
 
 
 def test_recipe_keys_default_to_today_and_override():

@@ -112,7 +112,10 @@ def test_every_loss_gives_a_finite_step(name):
 
 
 def _switched_on(default):
-    """A non-default setting for an op key: floats 0.1 (a fraction, degrees), bools True, ints + 1."""
+    """A setting that turns an op key on: floats 0.1 (a fraction, degrees), bools True, ints + 1; a string
+    (a mode, e.g. the crop's padding mode) keeps its default."""
+    if isinstance(default, str):
+        return default
     if isinstance(default, bool):
         return not default
     if isinstance(default, float):

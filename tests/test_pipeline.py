@@ -2,6 +2,7 @@
 
 import math
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -130,3 +131,59 @@ def test_real_images_resized_nearest_and_no_validation_row_in_training(small_com
     expected = np.asarray(Image.fromarray(record["image"]).resize((128, 128), Image.Resampling.NEAREST))
     np.testing.assert_allclose(first["image"][0], expected / 255.0, rtol=1e-6)
     assert first["image"].shape == (16, 128, 128, 3)
+
+
+# ----------------------------------------------------------------- native size and normalization
+
+
+def test_native_size_keeps_the_files_pixels_exactly(small_competition, cache_dir):
+    from conftest import find_image
+
+    from imgclf_jax.data.imageio import load_rgb
+
+    c = config_lib.base_config()
+    c.data.dir, c.data.cache_dir, c.data.image_size = str(small_competition), cache_dir, 100
+    c.augment.ops, c.train.batch_size = (), 5
+    data = splits.load_run_data(c.data)
+    batch = next(iter(pipeline.iterate(pipeline.eval_dataset(data.validation, c), 0)))
+    train = next(iter(pipeline.train_pipeline(data.train, c, num_epochs=1).batches(0, 1)))
+    for images, split, folder, rows in ((batch["image"], data.validation, "validation", batch["row"]),
+                                        (train["image"], data.train, "train", train["row"])):
+        assert images.shape == (5, 100, 100, 3)
+        for image, row in zip(images, rows):
+            pixels = load_rgb(find_image(small_competition / folder, split.image_ids[row]))
+            assert pixels.shape == (100, 100, 3)  # the competition's size: nothing resampled
+            np.testing.assert_array_equal(image, pixels.astype(np.float32) * np.float32(1 / 255))
+
+
+def test_per_channel_normalization_by_hand_in_training_and_evaluation():
+    config = make_config(batch_size=4, image_size=6)
+    config.augment.ops = ()
+    config.data.channel_mean, config.data.channel_std = (0.1, 0.2, 0.3), (0.5, 0.25, 2.0)
+    config_lib.check_normalization(config.data)
+    split = fake_split([0] * 52 + [1], size=6)  # record i's pixels all equal i; row 51: 51 / 255 = 0.2
+    evals = list(pipeline.iterate(pipeline.eval_dataset(split, config, batch_size=4), 0))
+    row51 = evals[12]["image"][3]
+    # (0.2 - 0.1) / 0.5 = 0.2, (0.2 - 0.2) / 0.25 = 0, (0.2 - 0.3) / 2 = -0.05 in every pixel.
+    np.testing.assert_allclose(row51, np.broadcast_to([0.2, 0.0, -0.05], (6, 6, 3)), atol=1e-6)
+    # Row 0 (x = 0) and the padding rows of the last batch: (0 - mean) / std = (-0.2, -0.8, -0.15).
+    np.testing.assert_allclose(evals[0]["image"][0], np.broadcast_to([-0.2, -0.8, -0.15], (6, 6, 3)), atol=1e-6)
+    assert not evals[13]["mask"][1:].any()
+    np.testing.assert_allclose(evals[13]["image"][1:, 0, 0], [[-0.2, -0.8, -0.15]] * 3, atol=1e-6)
+    train = pipeline.train_pipeline(split, config, num_epochs=1)
+    for b in train.batches():
+        real = b["row"][b["mask"]]
+        expected = (real[:, None] / 255.0 - np.array([0.1, 0.2, 0.3])) / np.array([0.5, 0.25, 2.0])
+        np.testing.assert_allclose(b["image"][b["mask"]][:, 2, 3], expected, rtol=1e-5, atol=1e-6)
+    # predict reads the keys from the run's config.json (tuples come back as lists): the same values.
+    import json
+
+    saved = ml_collections.ConfigDict(json.loads(json.dumps(config.to_dict())))
+    for a, b in zip(pipeline.normalization(saved.data), pipeline.normalization(config.data)):
+        np.testing.assert_array_equal(a, b)
+    # Off (the default, or a run's config.json from before the keys): x / 255 exactly, as before.
+    plain = make_config(batch_size=4, image_size=6)
+    assert pipeline.normalization(plain.data) is None
+    assert pipeline.normalization(ml_collections.ConfigDict({"image_size": 6})) is None
+    first = next(iter(pipeline.iterate(pipeline.eval_dataset(split, plain, batch_size=4), 0)))
+    np.testing.assert_array_equal(first["image"][3], np.full((6, 6, 3), np.float32(3) * np.float32(1 / 255)))

@@ -50,3 +50,13 @@ def test_counts_follow_class_repeats(tmp_path, capsys):
     got, base = counts["class_counts"], plain["class_counts"]
     assert got["9"] == 3 * base["9"] and got["0"] == base["0"]
     assert counts["rows_per_epoch"] == 1437 + 2 * base["9"]
+
+
+def test_the_grid_undoes_the_channel_normalization(tmp_path, capsys):
+    plain, _ = run_preview(tmp_path, capsys, "plain")
+    normalized, _ = run_preview(tmp_path, capsys, "norm", "--config.data.channel_mean=0.5,0.25,0.75",
+                                "--config.data.channel_std=0.25,0.5,2.0")
+    # The pixels, not the model's input: equal but for float rounding ((x - m) / s * s + m), which moves
+    # a few PNG values by one 8-bit level (without the undo, most pixels would differ widely).
+    difference = np.abs(plain.astype(int) - normalized.astype(int))
+    assert difference.max() <= 1 and np.mean(difference > 0) < 1e-4

@@ -242,7 +242,7 @@ def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registere
     ("loss.name", "focal", "config key 'loss.name' must be one of ('softmax_cross_entropy',), got 'focal'"),
     ("train.batch_transform", "mixup", "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
     ("train.eval_transform", "tta", "config key 'train.eval_transform' must be '' (off) or one of "
-                                    "('horizontal_flip_tta',), got 'tta'"),
+                                    "('horizontal_flip_tta', 'flip_shift_tta'), got 'tta'"),
 ])
 def test_unknown_recipe_names_are_one_line_errors(key, value, message):
     c = config_lib.base_config()

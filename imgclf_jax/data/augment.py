@@ -7,7 +7,15 @@ per-image generator that grain seeds by (seed, position). Ops (:data:`AUGMENT_OP
 - ``'keras_affine'`` (keys ``augment.rotation_deg``, ``shift_fraction``,
   ``zoom_fraction``): one affine warp, Keras ``ImageDataGenerator``'s;
 - ``'horizontal_flip'`` (key ``augment.horizontal_flip``): mirror the columns
-  with probability 0.5.
+  with probability 0.5;
+- ``'random_crop'`` (keys ``augment.crop_padding``, ``crop_padding_mode``): pad
+  each side by ``crop_padding`` pixels (``numpy.pad`` mode 'reflect', 'edge' or
+  'constant' zeros) and crop back to the image's size at a uniform random
+  offset: the CIFAR/ResNet recipe (He et al. 2016, section 4.2: 4 pixels
+  padded on each side, a random 32x32 crop, and a flip; the paper does not
+  name the padding values: torchvision-style code pads zeros, the fast-training
+  line reflects, our default). List it before the flip,
+  e.g. ``augment.ops=('random_crop', 'horizontal_flip')``.
 
 The default ``('keras_affine', 'horizontal_flip')`` is Keras's order (warp, then
 flip). An op whose keys are all at their defaults is off: it draws nothing and
@@ -167,6 +175,38 @@ def keras_affine(image: np.ndarray, rng: np.random.Generator, settings: Mapping[
     return warp(image, affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width))
 
 
+CROP_PADDING_MODES = ("reflect", "edge", "constant")  # numpy.pad modes; 'constant' pads zeros (black)
+
+
+def _check_random_crop(s: Mapping[str, Any]) -> None:
+    p, mode = s["crop_padding"], s["crop_padding_mode"]
+    _need(isinstance(p, int) and not isinstance(p, bool) and p >= 0, "crop_padding",
+          "an int >= 0 pixels (0 = off)", p)
+    _need(mode in CROP_PADDING_MODES, "crop_padding_mode", f"one of {CROP_PADDING_MODES}", mode)
+    if p == 0 and mode != "reflect":
+        raise ConfigError(f"config key 'augment.crop_padding_mode' ({mode!r}) is not used while "
+                          "augment.crop_padding is 0 (no crop): set augment.crop_padding > 0 or leave the "
+                          "mode at 'reflect'")
+
+
+def random_crop(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
+    """Pads each side by p = ``crop_padding`` pixels and crops back to ``[H, W]`` at a random offset.
+
+    ``float32[H, W, 3]`` in [0, 255] -> the same shape and range. Padding is
+    ``np.pad(image, ((p, p), (p, p), (0, 0)), mode)`` with ``crop_padding_mode`` 'reflect'
+    (mirrored without repeating the edge pixel: ``[a b c]`` -> ``[c b | a b c | b a]`` for p=2),
+    'edge' (the edge pixel repeated) or 'constant' (zeros, black). One draw,
+    ``rng.integers(0, 2 * p + 1, size=2)``: the (row, column) offset of the crop in the padded
+    image, each uniform in {0, ..., 2p}; offset (p, p) is the image itself. So the content moves
+    by up to p pixels in each axis, independently.
+    """
+    p = settings["crop_padding"]
+    height, width = image.shape[:2]
+    top, left = rng.integers(0, 2 * p + 1, size=2)
+    padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode=settings["crop_padding_mode"])
+    return padded[top:top + height, left:left + width]
+
+
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
     """Reverses the columns with probability 0.5 (one draw, ``rng.random() < 0.5``); shape unchanged."""
     del settings  # called only when augment.horizontal_flip is True
@@ -176,6 +216,8 @@ def horizontal_flip(image: np.ndarray, rng: np.random.Generator, settings: Mappi
 AUGMENT_OPS.register("keras_affine", AugmentOp(
     {"rotation_deg": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0}, keras_affine, _check_keras_affine))
 AUGMENT_OPS.register("horizontal_flip", AugmentOp({"horizontal_flip": False}, horizontal_flip))
+AUGMENT_OPS.register("random_crop", AugmentOp(
+    {"crop_padding": 0, "crop_padding_mode": "reflect"}, random_crop, _check_random_crop))
 
 
 def op_defaults() -> dict[str, Any]:

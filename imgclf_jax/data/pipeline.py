@@ -6,7 +6,7 @@ Training (one grain chain, indexed by the global row position ``i``)::
       .map(locate)       # slot p < N: resampled[shuffle_e(p)]; else a padding slot
       .map(load)         # decode the record, resize to data.image_size (PIL, data.resize_method)
       .random_map(aug)   # the augment.ops in order (default: Keras's warp, then flip), seeded by (seed, i)
-      .map(finish)       # scale to [0, 1], label, mask
+      .map(finish)       # scale to [0, 1] (then per-channel normalization if on), label, mask
       .batch(B)          # global batch j = e * S + step
 
 where ``resampled`` repeats each training row by its class's factor
@@ -17,12 +17,23 @@ padded (mask False) rather than mixed with the next epoch, and batch j is a
 pure function of (seed, j): the same seed gives the same batches whatever the
 number of worker processes or threads, and a run can resume at any batch.
 
+Images keep their stored size when ``data.image_size`` equals it (no resampling:
+the pixels are the file's, e.g. the competition's 100x100 images at
+``data.image_size=100``); other sizes are resized with ``data.resize_method``.
+
 A batch is a dict of numpy arrays::
 
-    image: float32[B, H, W, 3] in [0, 1]
+    image: float32[B, H, W, 3] in [0, 1] (x / 255 of the 8-bit pixels x), or, with per-channel
+           normalization on (data.channel_mean, data.channel_std), (x / 255 - mean) / std per
+           channel (about zero mean and unit variance, no fixed range); padding rows are
+           the zero image (x = 0) through the same formula
     label: int32[B]            (0 where padded or unlabeled)
     mask:  bool[B]             (True for real rows)
     row:   int32[B]            (position in the split, -1 where padded)
+
+Training, validation, test and ``predict`` batches all go through the same
+``finish`` step, so the normalization is the same everywhere (predict reads the
+keys from the run's config.json; a run saved before they existed has them off).
 """
 
 from __future__ import annotations
@@ -124,13 +135,40 @@ class _Augment:
         return element
 
 
-def _finish(element: dict) -> dict:
-    return {
-        "image": np.asarray(element["image"], np.float32) * np.float32(1.0 / 255.0),
-        "label": np.int32(element["label"]),
-        "mask": np.bool_(element["row"] != PAD),
-        "row": np.int32(element["row"]),
-    }
+def normalization(data_config) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean float32[3], std float32[3]) of ``data.channel_mean`` / ``data.channel_std``, None when off.
+
+    Units: the [0, 1] pixel scale (x / 255). A key absent (the config.json of a run saved before
+    these keys existed) or ``()`` means off.
+    """
+    mean, std = tuple(data_config.get("channel_mean", ())), tuple(data_config.get("channel_std", ()))
+    if not mean and not std:
+        return None
+    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finish:
+    """uint8/float pixels 0..255 -> the batch element: x / 255, then ``(. - mean) / std`` if on."""
+
+    mean: np.ndarray | None = None  # float32[3], or None: off
+    std: np.ndarray | None = None
+
+    def __call__(self, element: dict) -> dict:
+        image = np.asarray(element["image"], np.float32) * np.float32(1.0 / 255.0)
+        if self.mean is not None:
+            image = (image - self.mean) / self.std
+        return {
+            "image": image,
+            "label": np.int32(element["label"]),
+            "mask": np.bool_(element["row"] != PAD),
+            "row": np.int32(element["row"]),
+        }
+
+
+def _finisher(config: ml_collections.ConfigDict) -> _Finish:
+    norm = normalization(config.data)
+    return _Finish() if norm is None else _Finish(*norm)
 
 
 @dataclasses.dataclass
@@ -236,7 +274,7 @@ def train_pipeline(
     ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
     if params.active:
         ds = ds.random_map(_Augment(params), seed=augment_seed)
-    ds = ds.map(_finish).batch(batch_size)
+    ds = ds.map(_finisher(config)).batch(batch_size)
     return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers)
 
 
@@ -268,7 +306,7 @@ def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, see
 
 
 def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None):
-    """Batches of `split` in order, resized as in training, no augmentation, last batch padded.
+    """Batches of `split` in order, resized and normalized as in training, no augmentation, last batch padded.
 
     Returns a grain MapDataset of ceil(N / B) batches.
     """
@@ -276,4 +314,4 @@ def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: in
     steps = math.ceil(len(split) / batch_size)
     ds = grain.MapDataset.range(steps * batch_size).map(_InOrder(len(split)))
     ds = ds.map(_Load(split, config.data.image_size, config.data.resize_method))
-    return ds.map(_finish).batch(batch_size)
+    return ds.map(_finisher(config)).batch(batch_size)

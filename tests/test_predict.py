@@ -425,3 +425,21 @@ def test_predict_names_what_the_workdir_lacks_and_a_damaged_config(digits_run, t
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"'{damaged / 'config.json'}' cannot be read as the run's config (JSONDecodeError" in done.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_predict_uses_a_batch_norm_runs_ema_weights_and_statistics(tmp_path):
+    """A ResNet run with EMA: predict restores the result variables (EMA params + BatchNorm statistics) and
+    classifies digits well above chance (with the initial statistics or weights it would not: 1 epoch)."""
+    workdir = train_digits(tmp_path / "run", tmp_path / "cache", "--config.model.name=resnet",
+                           "--config.model.stem_width=8", "--config.model.widths=(8,16)",
+                           "--config.model.depths=(1,1)", "--config.model.strides=(1,2)",
+                           "--config.train.ema_decay=0.9")
+    tree = tmp_path / "tree"
+    truth = digits_tree(tree, count=60)
+    out = tmp_path / "preds.csv"
+    done = run_predict("--workdir", workdir, "--images", tree, "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    predicted = dict(map(tuple, read_csv_rows(out)[1:]))
+    accuracy = sum(predicted[i] == truth[i] for i in truth) / len(truth)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert accuracy > 0.3, (accuracy, summary["result_val_accuracy"])  # 10 classes: chance is 0.1

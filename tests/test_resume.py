@@ -107,3 +107,30 @@ def test_an_ensemble_interrupted_mid_epoch_resumes_exactly(tmp_path_factory, tmp
     assert process.returncode == 130, err[-2000:]
     assert len(history(workdir)) < 3
     rerun_and_compare(cmd, workdir, expected)
+
+
+RESNET_EMA = ["--config.model.name=resnet", "--config.model.stem_width=8", "--config.model.widths=(8,16)",
+              "--config.model.depths=(1,1)", "--config.model.strides=(1,2)", "--config.train.ema_decay=0.9"]
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_batch_norm_statistics_and_ema_weights_resume_exactly(tmp_path_factory, tmp_path, members):
+    """A ResNet (BatchNorm statistics in the train state) with EMA weights, SIGTERM mid-epoch: the resumed
+    run ends with the uninterrupted history; the result weights (the EMA's, with its statistics) give the
+    last epoch's validation accuracy again."""
+    tmp = tmp_path_factory.mktemp("reference_bn")
+    reference = command(tmp / "run", tmp / "cache", epochs=2, members=members) + RESNET_EMA
+    done = subprocess.run(reference, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    expected = history(tmp / "run")
+    workdir = tmp_path / "run"
+    cmd = command(workdir, tmp / "cache", epochs=2, members=members) + RESNET_EMA
+    process = start_and_wait(cmd, lambda: len(history(workdir)) >= 1)
+    time.sleep(0.3)  # inside epoch 2 (or its evaluation)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    rerun_and_compare(cmd, workdir, expected)
+    if members == 1:
+        summary = json.loads((workdir / "summary.json").read_text())
+        assert summary["result_val_accuracy"] == expected[-1]["val_accuracy"]  # no early stopping: last epoch

@@ -75,8 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     for key, default in augment.op_defaults().items():
         c.augment[key] = default
 
-    c.loss = ml_collections.ConfigDict()  # the data term of the loss (imgclf_jax.losses.LOSSES)
-    c.loss.name = "softmax_cross_entropy"  # masked mean over the real rows; takes soft targets
+    c.loss = loss_section()  # the data term of the loss (imgclf_jax.losses.LOSSES)
 
     from imgclf_jax.models import DEFAULT_MODEL  # here: imports flax, and the models never import config
 
@@ -124,6 +123,22 @@ def _union_of_keys(table: Any, taken: set[str]) -> dict[str, Any]:
                 raise ValueError(f"key '{key}' of {table.key}='{name}' clashes with another key of its section")
             keys[key] = default
     return keys
+
+
+def loss_section() -> ml_collections.ConfigDict:
+    """The ``loss`` section: ``name`` and every key a :data:`imgclf_jax.losses.LOSSES` entry reads.
+
+    Read from the table when called (an entry registered later brings its keys), as
+    :func:`optimizer_section`. softmax_cross_entropy: ``label_smoothing`` (eps in [0, 1), 0 = off:
+    targets ``(1 - eps) t + eps / C``, for the labels and a batch transform's soft targets alike).
+    """
+    from imgclf_jax import losses  # here: jax is slow to import, and losses never imports config
+
+    section = ml_collections.ConfigDict()
+    section.name = losses.DEFAULT  # masked mean over the real rows; takes soft targets
+    for key, default in _union_of_keys(losses.LOSSES, {"name"}).items():
+        section[key] = default
+    return section
 
 
 def optimizer_section() -> ml_collections.ConfigDict:
@@ -555,7 +570,11 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
     from imgclf_jax.data import augment
 
     augment.AugmentParams(**config.augment.to_dict())
-    losses.LOSSES.get(config.loss.name)
+    loss = losses.LOSSES.get(config.loss.name)
+    for name in losses.LOSSES:
+        losses.LOSSES[name].validate(config.loss)
+    check_unused_keys(config.loss, "loss", _union_of_keys(losses.LOSSES, set()), set(loss.keys),
+                      f"loss.name={config.loss.name!r}")
     transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.registry import Registry
+from imgclf_jax.registry import Checks, Registry, check_values
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -146,15 +146,8 @@ def exponential_decay(
 
 # --------------------------------------------------------------------------- tables
 
-# A check of one optimizer-section key: key -> (ok(value) -> bool, what the value must be).
-Checks = Mapping[str, tuple[Callable[[Any], bool], str]]
-
-
 def _check_keys(optimizer_config: Any, checks: Checks) -> None:
-    for key, (ok, what) in checks.items():
-        value = optimizer_config[key]
-        if not ok(value):
-            raise ConfigError(f"config key 'optimizer.{key}' must be {what}, got {value!r}")
+    check_values(optimizer_config, "optimizer", checks)
 
 
 @dataclasses.dataclass(frozen=True)

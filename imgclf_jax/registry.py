@@ -23,7 +23,7 @@ hold small frozen dataclasses: ``optim.OptimizerEntry``, ``models.ModelEntry``,
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from imgclf_jax.errors import ConfigError
 
@@ -101,6 +101,22 @@ def is_default(value: Any, default: Any) -> bool:
     if isinstance(default, (tuple, list)):
         return isinstance(value, (tuple, list)) and tuple(value) == tuple(default)
     return value == default
+
+
+# The value checks of an entry's config keys: key -> (ok(value) -> bool, what the value must be).
+Checks = Mapping[str, tuple[Callable[[Any], bool], str]]
+
+
+def check_values(section: Any, section_name: str, checks: Checks) -> None:
+    """Checks the values of `section`'s keys named in `checks` (an entry's ``checks``).
+
+    Raises:
+      ConfigError: "config key 'SECTION.KEY' must be WHAT, got VALUE" for the first failing key.
+    """
+    for key, (ok, what) in checks.items():
+        value = section[key]
+        if not ok(value):
+            raise ConfigError(f"config key '{section_name}.{key}' must be {what}, got {value!r}")
 
 
 def check_unused_keys(section: Any, section_name: str, defaults: Mapping[str, Any], used: set[str],

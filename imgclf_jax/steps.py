@@ -158,16 +158,27 @@ def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) 
 def eval_hooks(config: Any) -> tuple[losses.LossFn, eval_transforms.EvalTransformFn | None]:
     """(loss_fn, eval_transform) of a run's config: what evaluating its weights needs (predict).
 
-    Reads ``loss.name`` and ``train.eval_transform``; a key absent (the config.json of a run made
-    before these keys existed) counts as its default ('softmax_cross_entropy', '' = off = None).
+    Reads ``loss.name``, the chosen loss's keys (e.g. ``loss.label_smoothing``, bound:
+    ``functools.partial(entry.fn, label_smoothing=...)``) and ``train.eval_transform``; a key absent
+    (the config.json of a run made before these keys existed) counts as its default
+    ('softmax_cross_entropy', label smoothing 0, '' = off = None).
 
     Raises:
       ConfigError: an unknown name.
     """
     loss = config.get("loss") or {}
     train = config.get("train") or {}
-    return (losses.LOSSES.get(loss.get("name", losses.DEFAULT)).fn,
+    entry = losses.LOSSES.get(loss.get("name", losses.DEFAULT))
+    return (_bound(entry.fn, entry.keys, loss),
             eval_transforms.EVAL_TRANSFORMS.get(train.get("eval_transform", "")))
+
+
+def _bound(fn: Callable, keys: Any, section: Any, **extra: Any) -> Callable:
+    """`fn` with its entry's `keys` bound to `section`'s values (a key absent there: its default) and
+    `extra`; `fn` itself when there is nothing to bind."""
+    settings = {key: section.get(key, default) for key, default in keys.items()}
+    settings.update(extra)
+    return functools.partial(fn, **settings) if settings else fn
 
 
 def recipe_hooks(config: Any, num_classes: int | None = None

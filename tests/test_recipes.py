@@ -213,7 +213,9 @@ def test_the_ensemble_eval_step_applies_the_eval_transform_per_member():
 def test_recipe_hooks_of_a_config(registered):
     c = config_lib.base_config()
     loss_fn, transform, evaluation = steps.recipe_hooks(c)
-    assert loss_fn is losses.LOSSES["softmax_cross_entropy"].fn and transform is None and evaluation is None
+    # The loss comes bound to its keys (issue 15: loss.label_smoothing), at their defaults here.
+    assert loss_fn.func is losses.LOSSES["softmax_cross_entropy"].fn and loss_fn.keywords == {"label_smoothing": 0.0}
+    assert transform is None and evaluation is None
     c.train.batch_transform, c.train.eval_transform = "zero_images", "horizontal_flip_tta"
     config_lib.validate(c)
     _, transform, evaluation = steps.recipe_hooks(c, num_classes=3)
@@ -221,7 +223,9 @@ def test_recipe_hooks_of_a_config(registered):
     assert evaluation is eval_transforms.horizontal_flip_tta
     # A run's config.json from before these keys: the defaults.
     old = ml_collections.ConfigDict({"train": {"batch_size": 4}, "model": {"l2": 0.0}})
-    assert steps.recipe_hooks(old) == (losses.LOSSES["softmax_cross_entropy"].fn, None, None)
+    loss_fn, transform, evaluation = steps.recipe_hooks(old)
+    assert (loss_fn.func, loss_fn.keywords, transform, evaluation) == (
+        losses.LOSSES["softmax_cross_entropy"].fn, {"label_smoothing": 0.0}, None, None)
 
 
 def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registered):

@@ -146,18 +146,22 @@ def optimizer_section() -> ml_collections.ConfigDict:
 
     Read from :data:`imgclf_jax.optim.OPTIMIZERS` and :data:`~imgclf_jax.optim.SCHEDULES` when called
     (so an entry registered later, e.g. by a test, brings its keys): each entry declares the keys it
-    reads with their defaults (keras_adam, adam: b1, b2, eps; adamw: those and weight_decay;
-    exponential_decay: decay_steps, decay_rate, staircase). :func:`validate` refuses a key the chosen
-    entry does not read unless it is at its default.
+    reads with their defaults (keras_adam, adam: b1, b2, eps; adamw: those and weight_decay; sgd:
+    momentum, nesterov, weight_decay; exponential_decay: decay_steps, decay_rate, staircase;
+    warmup_cosine: warmup_epochs, final_lr_fraction; one_cycle: warmup_epochs, div_factor,
+    final_div_factor). :func:`validate` refuses a key the chosen entry does not read unless it is at
+    its default.
     """
     from imgclf_jax import optim  # here: jax is slow to import, and optim never imports config
 
     o = ml_collections.ConfigDict()
-    o.name = "keras_adam"  # an optim.OPTIMIZERS entry: 'keras_adam' (Keras's Adam), 'adam' (optax), 'adamw'
+    # an optim.OPTIMIZERS entry: 'keras_adam' (Keras's Adam), 'adam' (optax), 'adamw', 'sgd' (momentum, SGDW)
+    o.name = "keras_adam"
     o.learning_rate = 1e-3  # initial learning rate
     for key, default in _union_of_keys(optim.OPTIMIZERS, {"name", "learning_rate", "schedule"}).items():
         o[key] = default
-    o.schedule = "constant"  # an optim.SCHEDULES entry: 'constant' or 'exponential_decay' (Keras's)
+    # an optim.SCHEDULES entry: 'constant', 'exponential_decay' (Keras's), 'warmup_cosine', 'one_cycle'
+    o.schedule = "constant"
     for key, default in _union_of_keys(optim.SCHEDULES, set(o.keys())).items():
         o[key] = default
     return o
@@ -544,6 +548,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.fast_path in FAST_PATH_SETTINGS, "model.fast_path", f"one of {FAST_PATH_SETTINGS}")
     check_optimizer(o)
     need(t.num_epochs >= 1, "train.num_epochs", ">= 1")
+    from imgclf_jax import optim
+
+    if "warmup_epochs" in optim.SCHEDULES[o.schedule].keys:  # in updates: checked when the data is known
+        need(o.warmup_epochs < t.num_epochs, "optimizer.warmup_epochs",
+             f"< train.num_epochs ({t.num_epochs}) for optimizer.schedule={o.schedule!r}")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")

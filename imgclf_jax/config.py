@@ -98,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     # e.g. 'horizontal_flip_tta': mean softmax over the image and its mirror; validation, test, predict).
     c.train.batch_transform = ""
     c.train.eval_transform = ""
+    # The batch transforms' settings (MixUp, CutMix; imgclf_jax.batch_transforms), see mixing_section.
+    c.mixing = mixing_section()
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -137,6 +139,22 @@ def loss_section() -> ml_collections.ConfigDict:
     section = ml_collections.ConfigDict()
     section.name = losses.DEFAULT  # masked mean over the real rows; takes soft targets
     for key, default in _union_of_keys(losses.LOSSES, {"name"}).items():
+        section[key] = default
+    return section
+
+
+def mixing_section() -> ml_collections.ConfigDict:
+    """The ``mixing`` section: every key a :data:`imgclf_jax.batch_transforms.BATCH_TRANSFORMS` entry reads.
+
+    Read from the table when called, as :func:`optimizer_section`. mixup, cutmix, mixup_cutmix:
+    ``alpha`` (lambda ~ Beta(alpha, alpha), > 0) and ``probability`` (per batch, the chance that the
+    transform applies; else the batch is unchanged with one-hot targets). With
+    ``train.batch_transform=''`` every key must stay at its default (a setting nothing reads).
+    """
+    from imgclf_jax import batch_transforms  # here: jax is slow to import, and it never imports config
+
+    section = ml_collections.ConfigDict()
+    for key, default in _union_of_keys(batch_transforms.BATCH_TRANSFORMS, set()).items():
         section[key] = default
     return section
 
@@ -567,13 +585,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:
-    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots.
+    """Checks the recipe keys against their tables: augment (ops and their keys), loss (and its keys),
+    the two slots (and the batch transforms' ``mixing`` keys).
 
     Raises:
       ConfigError: one line naming the key: an unknown or repeated op, a key of an op not in
         ``augment.ops`` away from its default, an op's value out of range, an unknown
-        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, or a loss that
-        cannot take the soft targets the batch transform makes.
+        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, a ``loss.*`` or
+        ``mixing.*`` value out of range or away from its default while the chosen entry (or no
+        batch transform) does not read it, or a loss that cannot take the soft targets the batch
+        transform makes.
     """
     from imgclf_jax import batch_transforms, eval_transforms, losses
     from imgclf_jax.data import augment
@@ -585,6 +606,12 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
     check_unused_keys(config.loss, "loss", _union_of_keys(losses.LOSSES, set()), set(loss.keys),
                       f"loss.name={config.loss.name!r}")
     transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
+    for name in batch_transforms.BATCH_TRANSFORMS:
+        batch_transforms.BATCH_TRANSFORMS[name].validate(config.mixing)
+    check_unused_keys(config.mixing, batch_transforms.SECTION,
+                      _union_of_keys(batch_transforms.BATCH_TRANSFORMS, set()),
+                      set(transform.keys) if transform is not None else set(),
+                      f"train.batch_transform={config.train.batch_transform!r}")
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)
     eval_transforms.EVAL_TRANSFORMS.get(config.train.eval_transform)

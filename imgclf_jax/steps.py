@@ -186,10 +186,11 @@ def recipe_hooks(config: Any, num_classes: int | None = None
                             eval_transforms.EvalTransformFn | None]:
     """(loss_fn, batch_transform, eval_transform) of a run's config, for the step functions above.
 
-    Reads ``loss.name``, ``train.batch_transform`` and ``train.eval_transform`` (absent keys count
-    as their defaults, see :func:`eval_hooks`); off is returned as None. The batch transform comes
-    bound to the run's `num_classes` (``fn(batch, key, num_classes=num_classes)``), so it can
-    make soft targets of the right width.
+    Reads ``loss.name`` (and its keys), ``train.batch_transform`` (and its ``mixing.*`` keys) and
+    ``train.eval_transform`` (absent keys count as their defaults, see :func:`eval_hooks`); off is
+    returned as None. The batch transform comes bound to the run's `num_classes` and its entry's
+    settings (``functools.partial(fn, num_classes=..., alpha=..., probability=...)``), so the step
+    calls ``fn(batch, key)`` and soft targets have the right width.
 
     Raises:
       ConfigError: an unknown name, or a loss that cannot take the soft targets the chosen
@@ -205,4 +206,5 @@ def recipe_hooks(config: Any, num_classes: int | None = None
         return loss_fn, None, eval_transform
     if num_classes is None:
         raise ValueError(f"recipe_hooks needs num_classes for train.batch_transform={transform_name!r}")
-    return loss_fn, functools.partial(transform.fn, num_classes=int(num_classes)), eval_transform
+    mixing = config.get(batch_transforms.SECTION) or {}
+    return loss_fn, _bound(transform.fn, transform.keys, mixing, num_classes=int(num_classes)), eval_transform

@@ -99,8 +99,10 @@ def test_hooks_off_is_the_step_of_before_bit_for_bit():
     batch, key = tiny_batch(), jax.random.key(5)
     old = jax.jit(functools.partial(train_step_before_issue14, model=model, tx=tx, l2=1e-3))
     new = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3))
+    # The hooks as a run gets them from its config: the loss bound to loss.label_smoothing = 0 (issue 15).
+    loss_fn, batch_transform, _ = steps.recipe_hooks(config_lib.base_config())
     explicit = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3,
-                                         loss_fn=losses.LOSSES["softmax_cross_entropy"].fn, batch_transform=None))
+                                         loss_fn=loss_fn, batch_transform=batch_transform))
     a, b, c = old(state, batch, key), new(state, batch, key), explicit(state, batch, key)
     assert_trees_equal(a, b)
     assert_trees_equal(a, c)
@@ -244,7 +246,8 @@ def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registere
 
 @pytest.mark.parametrize("key, value, message", [
     ("loss.name", "focal", "config key 'loss.name' must be one of ('softmax_cross_entropy',), got 'focal'"),
-    ("train.batch_transform", "mixup", "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
+    ("train.batch_transform", "cutout", "config key 'train.batch_transform' must be '' (off) or one of "
+                                        "('mixup', 'cutmix', 'mixup_cutmix'), got 'cutout'"),
     ("train.eval_transform", "tta", "config key 'train.eval_transform' must be '' (off) or one of "
                                     "('horizontal_flip_tta',), got 'tta'"),
 ])

@@ -207,3 +207,54 @@ def test_reference_configs_train_bit_for_bit_as_before_the_new_keys(name):
         (a, ma), (b, mb) = now(a, batch, jax.random.key(i)), before(b, batch, jax.random.key(i))
         for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb)), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------- the start banner
+
+
+def test_the_banner_names_the_techniques_that_are_on():
+    from imgclf_jax import banner
+    from imgclf_jax.data.splits import RunData, Split
+
+    assert banner.recipe_line(parse()) is None  # ml1: the defaults, no line (the reference banner as it was)
+    c = parse("--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.1", "--config.optimizer.nesterov=true",
+              "--config.optimizer.weight_decay=5e-4", "--config.optimizer.schedule=one_cycle",
+              "--config.optimizer.warmup_epochs=2", "--config.loss.label_smoothing=0.1",
+              "--config.train.batch_transform=cutmix", "--config.mixing.probability=0.5")
+    line = ("  recipe: optimizer 'sgd' (learning_rate 0.1, momentum 0.9, nesterov True, weight_decay 0.0005); "
+            "schedule 'one_cycle' (warmup_epochs 2.0, div_factor 25.0, final_div_factor 10000.0); "
+            "loss 'softmax_cross_entropy' (label_smoothing 0.1); batch transform 'cutmix' (alpha 1.0, probability 0.5)")
+    assert banner.recipe_line(c) == line
+    split = Split(source=None, records=np.arange(2), labels=np.array([0, 1]), image_ids=["a", "b"])
+    data = RunData(class_names=["a", "b"], train=split, validation=split, test=None, fingerprint="x", sources={})
+    lines = banner.start_banner(c, "runs/mine", data, 10, ["cpu:0"], "fresh run").splitlines()
+    assert lines[-2:] == [line, "  workdir runs/mine: fresh run"]
+
+
+# ----------------------------------------------------------------- the run's parts
+
+
+def test_prepare_run_builds_the_schedule_from_the_datas_steps_per_epoch(tmp_path):
+    """digits, 70 training rows, batch 32: ceil(70 / 32) = 3 updates per epoch, 3 epochs (last update: step 8);
+    SGD with Nesterov and weight decay, warmup_cosine with a 1-epoch warmup, label smoothing and mixup_cutmix."""
+    from imgclf_jax import loop
+
+    c = config_lib.load_config_file(str(ROOT / "configs/digits.py"))
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.image_size, c.data.max_train_examples, c.data.max_val_examples = 16, 70, 30
+    c.model.conv_filters, c.model.dense_units = (4,), (8,)
+    for key, value in [("model.conv_kernel_sizes", (3,)), ("model.conv_paddings", ("same",)),
+                       ("model.conv_pools", (True,)), ("model.conv_dropouts", (0.0,)), ("model.dense_dropouts", (0.0,))]:
+        parent, name = config_lib._lookup(c, key)
+        parent[name] = value
+    c.train.num_epochs, c.train.batch_size = 3, 32
+    c.optimizer.name, c.optimizer.learning_rate, c.optimizer.nesterov, c.optimizer.weight_decay = "sgd", 0.05, True, 5e-4
+    c.optimizer.schedule, c.optimizer.warmup_epochs = "warmup_cosine", 1.0
+    c.loss.label_smoothing, c.train.batch_transform, c.mixing.alpha = 0.1, "mixup_cutmix", 0.5
+    config_lib.validate(c)
+    parts = loop.prepare_run(c, str(tmp_path / "run"), overwrite=False)
+    assert len(parts.data.train) == 70 and parts.batch_transform.keywords == {"num_classes": 10, "alpha": 0.5,
+                                                                             "probability": 1.0}
+    # warmup: 3 updates (1 epoch); cosine over steps 3..8: schedule(3) = peak, (1 + cos(pi / 5)) / 2 at 4, 0 at 8.
+    rates = [float(parts.schedule(jnp.int32(s))) for s in (0, 1, 3, 4, 8)]
+    assert rates == pytest.approx([0.0, 0.05 / 3, 0.05, 0.05 * (1 + np.cos(np.pi / 5)) / 2, 0.0], abs=1e-8)

@@ -297,12 +297,16 @@ class ScheduleEntry:
       checks: ``{key: (ok(value), 'what it must be')}`` for keys of `keys`.
       constant: True if the rate never changes: the optimizer then gets the float
         ``optimizer.learning_rate`` itself, not the schedule (optax scales by a constant).
+      run_length: True if the rates depend on ``train.num_epochs`` (the run's last update): then
+        resuming a run with another ``train.num_epochs`` is refused (:mod:`imgclf_jax.workdir`), since
+        the updates already made followed the other length's schedule.
     """
 
     create: Callable[[Any, int, int], Callable[[jax.Array], jax.Array]]
     keys: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     checks: Checks = dataclasses.field(default_factory=dict)
     constant: bool = False
+    run_length: bool = False
 
     def validate(self, optimizer_config: Any) -> None:
         """Checks the values of this entry's keys. Raises ConfigError naming the key."""
@@ -379,13 +383,13 @@ SCHEDULES.register("exponential_decay", ScheduleEntry(
     keys={"decay_steps": 1, "decay_rate": 1.0, "staircase": False},
     checks={"decay_steps": (lambda v: v >= 1, ">= 1 update"), "decay_rate": (lambda v: v > 0, "> 0")}))
 SCHEDULES.register("warmup_cosine", ScheduleEntry(
-    create=_warmup_cosine,
+    create=_warmup_cosine, run_length=True,
     # warmup_epochs: linear from 0 to learning_rate (epochs, a float); then cosine down to
     # final_lr_fraction * learning_rate at the run's last update
     keys={**_WARMUP[0], "final_lr_fraction": 0.0},
     checks={**_WARMUP[1], "final_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]")}))
 SCHEDULES.register("one_cycle", ScheduleEntry(
-    create=_one_cycle,
+    create=_one_cycle, run_length=True,
     # cosine from learning_rate / div_factor up to learning_rate over warmup_epochs (> 0), then down to
     # learning_rate / (div_factor * final_div_factor) at the run's last update (PyTorch's OneCycleLR)
     keys={**_WARMUP[0], "div_factor": 25.0, "final_div_factor": 1e4},

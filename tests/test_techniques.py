@@ -258,3 +258,21 @@ def test_prepare_run_builds_the_schedule_from_the_datas_steps_per_epoch(tmp_path
     # warmup: 3 updates (1 epoch); cosine over steps 3..8: schedule(3) = peak, (1 + cos(pi / 5)) / 2 at 4, 0 at 8.
     rates = [float(parts.schedule(jnp.int32(s))) for s in (0, 1, 3, 4, 8)]
     assert rates == pytest.approx([0.0, 0.05 / 3, 0.05, 0.05 * (1 + np.cos(np.pi / 5)) / 2, 0.0], abs=1e-8)
+
+
+def test_resuming_with_another_length_is_refused_when_the_schedule_depends_on_it(tmp_path):
+    from imgclf_jax import report, workdir
+
+    c = parse("--config.optimizer.schedule=one_cycle", "--config.optimizer.warmup_epochs=1")
+    report.write_json(str(tmp_path / "config.json"), c.to_dict())
+    workdir.check_workdir(str(tmp_path), c, overwrite=False)  # the same config: resumes
+    longer = parse("--config.optimizer.schedule=one_cycle", "--config.optimizer.warmup_epochs=1",
+                   "--config.train.num_epochs=20")
+    with pytest.raises(ConfigError) as info:
+        workdir.check_workdir(str(tmp_path), longer, overwrite=False)
+    assert str(info.value) == (
+        f"workdir '{tmp_path}' holds a run of train.num_epochs=10, and optimizer.schedule='one_cycle' sets its "
+        "rates by the run's length: its updates so far followed the 10-epoch schedule, so train.num_epochs=20 "
+        "cannot continue it; keep train.num_epochs=10, use another --workdir, or --overwrite to start again")
+    report.write_json(str(tmp_path / "config.json"), parse().to_dict())  # ml1: a constant rate
+    workdir.check_workdir(str(tmp_path), parse("--config.train.num_epochs=20"), overwrite=False)  # trains further

@@ -31,6 +31,12 @@ def padded_batch(batch=8, real=6, size=6, classes=3, seed=0):
             "mask": jnp.arange(batch) < real}
 
 
+def mixed_and_draws(fn, alpha=1.0, probability=1.0, num_classes=3):
+    """jit of batch, key -> (fn's batch, the draws it used): one compile for both."""
+    return jax.jit(lambda batch, key: (fn(batch, key, num_classes=num_classes, alpha=alpha, probability=probability),
+                                       bt._draws(key, batch, alpha, probability)))
+
+
 # ----------------------------------------------------------------- the partner permutation
 
 
@@ -51,8 +57,7 @@ def test_partners_are_real_rows_one_to_one_and_padding_rows_are_their_own():
 
 def test_mixup_by_hand_and_padding_never_leaks():
     batch, key = padded_batch(), jax.random.key(3)
-    out = jax.jit(functools.partial(bt.mixup, num_classes=3, alpha=1.0, probability=1.0))(batch, key)
-    draws = bt._draws(key, batch, 1.0, 1.0)
+    out, draws = mixed_and_draws(bt.mixup)(batch, key)
     lam, perm = float(draws["lam"]), np.asarray(draws["perm"])
     assert 0 < lam < 1 and bool(draws["applies"])
     x, y = np.asarray(batch["image"], np.float64), np.asarray(batch["label"])
@@ -77,6 +82,21 @@ def test_probability_zero_leaves_the_batch_with_one_hot_targets():
     assert 0.22 < float(np.mean(applied)) < 0.38  # per batch, with the probability (400 batches: 4 sigma)
 
 
+def test_mixing_a_batch_split_over_two_devices_pairs_rows_across_the_global_batch():
+    from imgclf_jax import parallel
+
+    if len(jax.devices()) < 2:
+        pytest.skip("needs 2 devices (tests/conftest.py forces 2 CPU devices)")
+    batch, key = padded_batch(), jax.random.key(4)
+    mesh = parallel.make_mesh(8, jax.devices()[:2])
+    fn = jax.jit(functools.partial(bt.mixup_cutmix, num_classes=3, alpha=1.0, probability=1.0))
+    split, whole = fn(parallel.shard_batch(jax.device_get(batch), mesh), key), fn(batch, key)
+    perm = np.asarray(bt._draws(key, batch, 1.0, 1.0)["perm"])
+    assert np.any((perm[:4] >= 4) & (perm[:4] < 6))  # a row of device 0 has a partner on device 1
+    for name in ("image", "targets"):
+        np.testing.assert_allclose(np.asarray(split[name]), np.asarray(whole[name]), rtol=1e-6)
+
+
 # ----------------------------------------------------------------- CutMix
 
 
@@ -94,11 +114,10 @@ def test_a_cutmix_box_label_weight_is_its_area_fraction_by_hand():
 
 def test_cutmix_pastes_the_partners_pixels_and_weights_labels_by_the_pasted_share():
     batch = padded_batch(size=8)
-    fn = jax.jit(functools.partial(bt.cutmix, num_classes=3, alpha=1.0, probability=1.0))
+    fn = mixed_and_draws(bt.cutmix)
     weights = set()
     for seed in range(6):
-        key = jax.random.key(seed)
-        out, draws = fn(batch, key), bt._draws(key, batch, 1.0, 1.0)
+        out, draws = fn(batch, jax.random.key(seed))
         perm, y = np.asarray(draws["perm"]), np.asarray(batch["label"])
         for i in range(6):
             image = np.asarray(out["image"][i, :, :, 0])

@@ -17,8 +17,12 @@ Example (a new vote rule, one entry; ``--config.ensemble.vote=geometric`` then w
         return np.argmax(np.log(probabilities + 1e-12).sum(0), -1)
 
 Tables whose entries carry more than a function (their config keys, checks)
-hold small frozen dataclasses: ``optim.OptimizerEntry``, ``models.ModelEntry``,
-``data.augment.AugmentOp``, ``losses.LossEntry`` (README, "Extending").
+hold small frozen dataclasses: ``optim.OptimizerEntry``, ``optim.ScheduleEntry``,
+``models.ModelEntry``, ``data.augment.AugmentOp``, ``losses.LossEntry``,
+``batch_transforms.BatchTransform`` (README, "Extending"). An entry's ``keys``
+``{key: default}`` make its config section (the union over the table's entries),
+its ``checks`` are run by :func:`check_values`, and :func:`check_unused_keys`
+refuses a key the chosen entry does not read unless it is at its default.
 """
 
 from __future__ import annotations

@@ -45,11 +45,11 @@ def run(model_name: str, members: list[int], mappings: list[str], batch: int, im
     from imgclf_jax import parallel, steps
     from imgclf_jax.ensemble import steps as ens_steps
     from imgclf_jax.models import create_model
-    from imgclf_jax.optim import create_optimizer
+    from imgclf_jax.optim import create_optimizer_for_shapes
 
     config = load_model_config(model_name)
     model = create_model(config.model, 5)
-    tx, _ = create_optimizer(config.optimizer)
+    tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)
     mesh = parallel.make_mesh(batch)
     rep = parallel.replicated(mesh)
     single_step = steps.jit_train_step(model, tx, config.model.l2, mesh)

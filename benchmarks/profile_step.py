@@ -230,10 +230,10 @@ def profile_phases(config: Any, batch: int, image_size: int, repeats: int) -> li
     from imgclf_jax import steps
     from imgclf_jax.losses import softmax_cross_entropy
     from imgclf_jax.models import create_model, l2_penalty
-    from imgclf_jax.optim import create_optimizer
+    from imgclf_jax.optim import create_optimizer_for_shapes
 
     model = create_model(config.model, NUM_CLASSES)
-    tx, _ = create_optimizer(config.optimizer)
+    tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)
     l2 = config.model.l2
     state = steps.create_train_state(model, tx, jax.random.key(config.seed), image_size)
     data = jax.device_put(synthetic_batch(batch, image_size, NUM_CLASSES))
@@ -271,10 +271,10 @@ def profile_trace(config: Any, batch: int, image_size: int, top: int = 20) -> li
     from benchmarks import trace_step
     from imgclf_jax import steps
     from imgclf_jax.models import create_model
-    from imgclf_jax.optim import create_optimizer
+    from imgclf_jax.optim import create_optimizer_for_shapes
 
     model = create_model(config.model, NUM_CLASSES)
-    tx, _ = create_optimizer(config.optimizer)
+    tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)
     state = steps.create_train_state(model, tx, jax.random.key(config.seed), image_size)
     data = jax.device_put(synthetic_batch(batch, image_size, NUM_CLASSES))
     key = jax.random.key(1)

@@ -63,11 +63,11 @@ def measure_train_step(config: Any, num_classes: int, image_size: int, batch: in
     from imgclf_jax import parallel
     from imgclf_jax import steps as steps_lib
     from imgclf_jax.models import create_model
-    from imgclf_jax.optim import create_optimizer
+    from imgclf_jax.optim import create_optimizer_for_shapes
 
     rss_imports = measure.host_rss_bytes()
     model = create_model(config.model, num_classes)
-    tx, _ = create_optimizer(config.optimizer)
+    tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)
     mesh = parallel.make_mesh(batch)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
     make_state = jax.jit(lambda key: steps_lib.create_train_state(model, tx, key, image_size),

@@ -21,6 +21,39 @@ def _row_lines(data) -> list[str]:
             for name, split in splits]
 
 
+def _settings(entry_keys, section) -> str:
+    """' (key value, ...)' of the entry's keys with the section's values, or '' for an entry without keys."""
+    shown = ", ".join(f"{key} {section[key]!r}" for key in entry_keys)
+    return f" ({shown})" if shown else ""
+
+
+def recipe_line(config) -> str | None:
+    """'  recipe: ...': the training techniques a run has on that the defaults do not (None: none).
+
+    Names the optimizer when it is not the default one or has a key away from its default, the
+    schedule when it is not 'constant', label smoothing when above 0 and the batch transform when
+    one is chosen, each with the settings its entry reads (the keys of the chosen table entries).
+    """
+    from imgclf_jax import batch_transforms, config as config_lib, losses, optim
+
+    o, base = config.optimizer, config_lib.base_config().optimizer
+    optimizer, schedule = optim.OPTIMIZERS[o.name], optim.SCHEDULES[o.schedule]
+    parts = []
+    if o.name != base.name or any(o[key] != base[key] for key in ("learning_rate", *optimizer.keys)):
+        parts.append(f"optimizer '{o.name}' (learning_rate {o.learning_rate!r}"
+                     + "".join(f", {key} {o[key]!r}" for key in optimizer.keys) + ")")
+    if o.schedule != base.schedule:
+        parts.append(f"schedule '{o.schedule}'{_settings(schedule.keys, o)}")
+    loss = losses.LOSSES[config.loss.name]
+    if config.loss.name != losses.DEFAULT or any(config.loss[key] != d for key, d in loss.keys.items()):
+        parts.append(f"loss '{config.loss.name}'{_settings(loss.keys, config.loss)}")
+    transform = batch_transforms.BATCH_TRANSFORMS[config.train.batch_transform]
+    if transform is not None:
+        parts.append(f"batch transform '{config.train.batch_transform}'"
+                     f"{_settings(transform.keys, config[batch_transforms.SECTION])}")
+    return "  recipe: " + "; ".join(parts) if parts else None
+
+
 def start_banner(config, workdir: str, data, num_params: int, devices: list, start: str) -> str:
     """The start paragraph (a few lines, no trailing newline).
 
@@ -29,6 +62,9 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
         ``sources`` say where each split came from, when the builder filled them);
       num_params: parameters of the model (of one member in an ensemble);
       devices: the mesh's devices; start: "fresh run", "resuming at epoch ..." or the like.
+
+    A ``recipe:`` line (:func:`recipe_line`) comes before the workdir line when the run has a
+    technique on that the defaults do not (another optimizer or schedule, label smoothing, MixUp ...).
     """
     d = config.data
     path = d.dir or "none (bundled data)"
@@ -49,5 +85,6 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
         f"  images {d.image_size}x{d.image_size} RGB; model {describe_model(config.model)}, {num_params:,} params"
         f"{members}; batch {config.train.batch_size} on {len(devices)} device(s) ({device_text}; "
         f"{per_device} each)",
+        *([recipe] if (recipe := recipe_line(config)) else []),
         f"  workdir {workdir}: {start}",
     ])

@@ -82,8 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
     for key, default in augment.op_defaults().items():
         c.augment[key] = default
 
-    c.loss = ml_collections.ConfigDict()  # the data term of the loss (imgclf_jax.losses.LOSSES)
-    c.loss.name = "softmax_cross_entropy"  # masked mean over the real rows; takes soft targets
+    c.loss = loss_section()  # the data term of the loss (imgclf_jax.losses.LOSSES)
 
     from imgclf_jax.models import DEFAULT_MODEL  # here: imports flax, and the models never import config
 
@@ -113,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
     # The eval transforms' keys (imgclf_jax.eval_transforms; each read only by the transform that declares it,
     # any other must stay at its default): shift_pixels (flip_shift_tta: the +-s pixel shifts of its views).
     c.tta = tta_section()
+    # The batch transforms' settings (MixUp, CutMix; imgclf_jax.batch_transforms), see mixing_section.
+    c.mixing = mixing_section()
 
     c.ensemble = ml_collections.ConfigDict()  # K members trained in one job (imgclf_jax.ensemble)
     c.ensemble.num_members = 1  # K; 1 = the plain run. Member i uses seed `seed + i` for everything
@@ -151,23 +152,59 @@ def _union_of_keys(table: Any, taken: set[str]) -> dict[str, Any]:
     return keys
 
 
+def loss_section() -> ml_collections.ConfigDict:
+    """The ``loss`` section: ``name`` and every key a :data:`imgclf_jax.losses.LOSSES` entry reads.
+
+    Read from the table when called (an entry registered later brings its keys), as
+    :func:`optimizer_section`. softmax_cross_entropy: ``label_smoothing`` (eps in [0, 1), 0 = off:
+    targets ``(1 - eps) t + eps / C``, for the labels and a batch transform's soft targets alike).
+    """
+    from imgclf_jax import losses  # here: jax is slow to import, and losses never imports config
+
+    section = ml_collections.ConfigDict()
+    section.name = losses.DEFAULT  # masked mean over the real rows; takes soft targets
+    for key, default in _union_of_keys(losses.LOSSES, {"name"}).items():
+        section[key] = default
+    return section
+
+
+def mixing_section() -> ml_collections.ConfigDict:
+    """The ``mixing`` section: every key a :data:`imgclf_jax.batch_transforms.BATCH_TRANSFORMS` entry reads.
+
+    Read from the table when called, as :func:`optimizer_section`. mixup, cutmix, mixup_cutmix:
+    ``alpha`` (lambda ~ Beta(alpha, alpha), > 0) and ``probability`` (per batch, the chance that the
+    transform applies; else the batch is unchanged with one-hot targets). With
+    ``train.batch_transform=''`` every key must stay at its default (a setting nothing reads).
+    """
+    from imgclf_jax import batch_transforms  # here: jax is slow to import, and it never imports config
+
+    section = ml_collections.ConfigDict()
+    for key, default in _union_of_keys(batch_transforms.BATCH_TRANSFORMS, set()).items():
+        section[key] = default
+    return section
+
+
 def optimizer_section() -> ml_collections.ConfigDict:
     """The ``optimizer`` section: name, learning_rate, schedule, and every key an optimizer or schedule reads.
 
     Read from :data:`imgclf_jax.optim.OPTIMIZERS` and :data:`~imgclf_jax.optim.SCHEDULES` when called
     (so an entry registered later, e.g. by a test, brings its keys): each entry declares the keys it
-    reads with their defaults (keras_adam, adam: b1, b2, eps; adamw: those and weight_decay;
-    exponential_decay: decay_steps, decay_rate, staircase). :func:`validate` refuses a key the chosen
-    entry does not read unless it is at its default.
+    reads with their defaults (keras_adam, adam: b1, b2, eps; adamw: those and weight_decay; sgd:
+    momentum, nesterov, weight_decay; exponential_decay: decay_steps, decay_rate, staircase;
+    warmup_cosine: warmup_epochs, final_lr_fraction; one_cycle: warmup_epochs, div_factor,
+    final_div_factor). :func:`validate` refuses a key the chosen entry does not read unless it is at
+    its default.
     """
     from imgclf_jax import optim  # here: jax is slow to import, and optim never imports config
 
     o = ml_collections.ConfigDict()
-    o.name = "keras_adam"  # an optim.OPTIMIZERS entry: 'keras_adam' (Keras's Adam), 'adam' (optax), 'adamw'
+    # an optim.OPTIMIZERS entry: 'keras_adam' (Keras's Adam), 'adam' (optax), 'adamw', 'sgd' (momentum, SGDW)
+    o.name = "keras_adam"
     o.learning_rate = 1e-3  # initial learning rate
     for key, default in _union_of_keys(optim.OPTIMIZERS, {"name", "learning_rate", "schedule"}).items():
         o[key] = default
-    o.schedule = "constant"  # an optim.SCHEDULES entry: 'constant' or 'exponential_decay' (Keras's)
+    # an optim.SCHEDULES entry: 'constant', 'exponential_decay' (Keras's), 'warmup_cosine', 'one_cycle'
+    o.schedule = "constant"
     for key, default in _union_of_keys(optim.SCHEDULES, set(o.keys())).items():
         o[key] = default
     return o
@@ -576,6 +613,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(m.fast_path in FAST_PATH_SETTINGS, "model.fast_path", f"one of {FAST_PATH_SETTINGS}")
     check_optimizer(o)
     need(t.num_epochs >= 1, "train.num_epochs", ">= 1")
+    from imgclf_jax import optim
+
+    if "warmup_epochs" in optim.SCHEDULES[o.schedule].keys:  # in updates: checked when the data is known
+        need(o.warmup_epochs < t.num_epochs, "optimizer.warmup_epochs",
+             f"< train.num_epochs ({t.num_epochs}) for optimizer.schedule={o.schedule!r}")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")
@@ -591,21 +633,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:
-    """Checks the recipe keys against their tables: augment (ops and their keys), loss, the two slots, tta.
+    """Checks the recipe keys against their tables: augment (ops and their keys), loss (and its keys),
+    the two slots (and the batch transforms' ``mixing`` keys), tta.
 
     Raises:
       ConfigError: one line naming the key: an unknown or repeated op, a key of an op not in
         ``augment.ops`` away from its default, an op's value out of range, an unknown
-        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, a loss that
-        cannot take the soft targets the batch transform makes, a ``tta`` value out of range,
-        or a ``tta`` key the chosen eval transform does not read away from its default.
+        ``loss.name`` / ``train.batch_transform`` / ``train.eval_transform``, a ``loss.*`` or
+        ``mixing.*`` value out of range or away from its default while the chosen entry (or no
+        batch transform) does not read it, a loss that cannot take the soft targets the batch
+        transform makes, a ``tta`` value out of range, or a ``tta`` key the chosen eval transform
+        does not read away from its default.
     """
     from imgclf_jax import batch_transforms, eval_transforms, losses
     from imgclf_jax.data import augment
 
     augment.AugmentParams(**config.augment.to_dict())
-    losses.LOSSES.get(config.loss.name)
+    loss = losses.LOSSES.get(config.loss.name)
+    for name in losses.LOSSES:
+        losses.LOSSES[name].validate(config.loss)
+    check_unused_keys(config.loss, "loss", _union_of_keys(losses.LOSSES, set()), set(loss.keys),
+                      f"loss.name={config.loss.name!r}")
     transform = batch_transforms.BATCH_TRANSFORMS.get(config.train.batch_transform)
+    for name in batch_transforms.BATCH_TRANSFORMS:
+        batch_transforms.BATCH_TRANSFORMS[name].validate(config.mixing)
+    check_unused_keys(config.mixing, batch_transforms.SECTION,
+                      _union_of_keys(batch_transforms.BATCH_TRANSFORMS, set()),
+                      set(transform.keys) if transform is not None else set(),
+                      f"train.batch_transform={config.train.batch_transform!r}")
     losses.check_targets(config.loss.name, transform is not None and transform.makes_targets,
                          config.train.batch_transform)
     chosen = eval_transforms.entry(config.train.eval_transform)

@@ -15,7 +15,7 @@ import os
 import ml_collections
 
 from imgclf_jax import driver, memory, parallel, report, steps, workdir_lock
-from imgclf_jax.data import splits
+from imgclf_jax.data import pipeline, splits
 from imgclf_jax.ensemble.job import EnsembleJob
 from imgclf_jax.job import RunParts
 from imgclf_jax.models import create_model, layer_specs
@@ -40,7 +40,10 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     data = splits.load_run_data(config.data)
     loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config, data.num_classes)
     model = create_model(config.model, data.num_classes)
-    tx, schedule = create_optimizer(config.optimizer)
+    updates_per_epoch = pipeline.steps_per_epoch(data.train.labels, tuple(config.data.class_repeats),
+                                                 config.train.batch_size)  # what the train pipeline has
+    tx, schedule = create_optimizer(config.optimizer, steps_per_epoch=updates_per_epoch,
+                                    num_epochs=config.train.num_epochs)
     mesh = parallel.make_mesh(config.train.batch_size)
     member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                   config.train.batch_size // mesh.size, config.train.ema_decay)

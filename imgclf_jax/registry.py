@@ -17,13 +17,17 @@ Example (a new vote rule, one entry; ``--config.ensemble.vote=geometric`` then w
         return np.argmax(np.log(probabilities + 1e-12).sum(0), -1)
 
 Tables whose entries carry more than a function (their config keys, checks)
-hold small frozen dataclasses: ``optim.OptimizerEntry``, ``models.ModelEntry``,
-``data.augment.AugmentOp``, ``losses.LossEntry`` (README, "Extending").
+hold small frozen dataclasses: ``optim.OptimizerEntry``, ``optim.ScheduleEntry``,
+``models.ModelEntry``, ``data.augment.AugmentOp``, ``losses.LossEntry``,
+``batch_transforms.BatchTransform`` (README, "Extending"). An entry's ``keys``
+``{key: default}`` make its config section (the union over the table's entries),
+its ``checks`` are run by :func:`check_values`, and :func:`check_unused_keys`
+refuses a key the chosen entry does not read unless it is at its default.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from imgclf_jax.errors import ConfigError
 
@@ -101,6 +105,22 @@ def is_default(value: Any, default: Any) -> bool:
     if isinstance(default, (tuple, list)):
         return isinstance(value, (tuple, list)) and tuple(value) == tuple(default)
     return value == default
+
+
+# The value checks of an entry's config keys: key -> (ok(value) -> bool, what the value must be).
+Checks = Mapping[str, tuple[Callable[[Any], bool], str]]
+
+
+def check_values(section: Any, section_name: str, checks: Checks) -> None:
+    """Checks the values of `section`'s keys named in `checks` (an entry's ``checks``).
+
+    Raises:
+      ConfigError: "config key 'SECTION.KEY' must be WHAT, got VALUE" for the first failing key.
+    """
+    for key, (ok, what) in checks.items():
+        value = section[key]
+        if not ok(value):
+            raise ConfigError(f"config key '{section_name}.{key}' must be {what}, got {value!r}")
 
 
 def check_unused_keys(section: Any, section_name: str, defaults: Mapping[str, Any], used: set[str],

@@ -246,17 +246,26 @@ def jit_eval_step(model, l2: float, mesh, *, loss_fn=None, eval_transform=None) 
 def eval_hooks(config: Any) -> tuple[losses.LossFn, eval_transforms.EvalTransformFn | None]:
     """(loss_fn, eval_transform) of a run's config: what evaluating its weights needs (predict).
 
-    Reads ``loss.name``, ``train.eval_transform`` and the ``tta`` keys it declares (bound into the
-    returned function, :func:`imgclf_jax.eval_transforms.from_config`); a key absent (the
-    config.json of a run made before these keys existed) counts as its default
-    ('softmax_cross_entropy', '' = off = None, the ``tta`` defaults).
+    Reads ``loss.name``, the chosen loss's keys (e.g. ``loss.label_smoothing``, bound:
+    ``functools.partial(entry.fn, label_smoothing=...)``), ``train.eval_transform`` and the ``tta``
+    keys it declares (bound into the returned function, :func:`imgclf_jax.eval_transforms.from_config`);
+    a key absent (the config.json of a run made before these keys existed) counts as its default
+    ('softmax_cross_entropy', label smoothing 0, '' = off = None, the ``tta`` defaults).
 
     Raises:
       ConfigError: an unknown name.
     """
     loss = config.get("loss") or {}
-    return (losses.LOSSES.get(loss.get("name", losses.DEFAULT)).fn,
-            eval_transforms.from_config(config))
+    entry = losses.LOSSES.get(loss.get("name", losses.DEFAULT))
+    return _bound(entry.fn, entry.keys, loss), eval_transforms.from_config(config)
+
+
+def _bound(fn: Callable, keys: Any, section: Any, **extra: Any) -> Callable:
+    """`fn` with its entry's `keys` bound to `section`'s values (a key absent there: its default) and
+    `extra`; `fn` itself when there is nothing to bind."""
+    settings = {key: section.get(key, default) for key, default in keys.items()}
+    settings.update(extra)
+    return functools.partial(fn, **settings) if settings else fn
 
 
 def recipe_hooks(config: Any, num_classes: int | None = None
@@ -264,10 +273,11 @@ def recipe_hooks(config: Any, num_classes: int | None = None
                             eval_transforms.EvalTransformFn | None]:
     """(loss_fn, batch_transform, eval_transform) of a run's config, for the step functions above.
 
-    Reads ``loss.name``, ``train.batch_transform`` and ``train.eval_transform`` (absent keys count
-    as their defaults, see :func:`eval_hooks`); off is returned as None. The batch transform comes
-    bound to the run's `num_classes` (``fn(batch, key, num_classes=num_classes)``), so it can
-    make soft targets of the right width.
+    Reads ``loss.name`` (and its keys), ``train.batch_transform`` (and its ``mixing.*`` keys) and
+    ``train.eval_transform`` (absent keys count as their defaults, see :func:`eval_hooks`); off is
+    returned as None. The batch transform comes bound to the run's `num_classes` and its entry's
+    settings (``functools.partial(fn, num_classes=..., alpha=..., probability=...)``), so the step
+    calls ``fn(batch, key)`` and soft targets have the right width.
 
     Raises:
       ConfigError: an unknown name, or a loss that cannot take the soft targets the chosen
@@ -283,4 +293,5 @@ def recipe_hooks(config: Any, num_classes: int | None = None
         return loss_fn, None, eval_transform
     if num_classes is None:
         raise ValueError(f"recipe_hooks needs num_classes for train.batch_transform={transform_name!r}")
-    return loss_fn, functools.partial(transform.fn, num_classes=int(num_classes)), eval_transform
+    mixing = config.get(batch_transforms.SECTION) or {}
+    return loss_fn, _bound(transform.fn, transform.keys, mixing, num_classes=int(num_classes)), eval_transform

@@ -156,9 +156,9 @@ def main(argv: list[str]) -> int:
     print(f"total: {num_params:,} parameters, {flops / 1e6:,.2f} MFLOPs per image (forward){extra}")
 
     from imgclf_jax import memory
-    from imgclf_jax.optim import create_optimizer
+    from imgclf_jax.optim import create_optimizer_for_shapes
 
-    tx, _ = create_optimizer(config.optimizer)
+    tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)  # no data: state shapes only
     batch = config.train.batch_size
     member = memory.member_memory(model, tx, config.model.l2, size, batch)
     k = config.ensemble.num_members

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Any
 
 import ml_collections
 
@@ -21,7 +22,8 @@ from imgclf_jax import config as config_lib
 from imgclf_jax.errors import ConfigError
 from imgclf_jax.models.base import COMMON_KEYS
 
-# Keys that may change between a run and its resumption without changing its results.
+# Keys that may change between a run and its resumption without changing its results (train.num_epochs
+# only when the schedule does not depend on the run's length: optim.ScheduleEntry.run_length).
 RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints")
 
 
@@ -120,3 +122,18 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
             f"workdir '{workdir}' holds a run with another config: {shown}; "
             "use another --workdir, or --overwrite to replace it"
         )
+    _check_run_length(workdir, config, old.get("train.num_epochs"))
+
+
+def _check_run_length(workdir: str, config: ml_collections.ConfigDict, old_epochs: Any) -> None:
+    """Refuses another train.num_epochs on resume when the schedule's rates depend on the run's length."""
+    from imgclf_jax import optim  # here: jax is slow to import
+
+    schedule = config.optimizer.schedule
+    if old_epochs == config.train.num_epochs or not optim.SCHEDULES[schedule].run_length:
+        return
+    raise ConfigError(
+        f"workdir '{workdir}' holds a run of train.num_epochs={old_epochs!r}, and optimizer.schedule="
+        f"{schedule!r} sets its rates by the run's length: its updates so far followed the {old_epochs!r}-epoch "
+        f"schedule, so train.num_epochs={config.train.num_epochs!r} cannot continue it; keep "
+        f"train.num_epochs={old_epochs!r}, use another --workdir, or --overwrite to start again")

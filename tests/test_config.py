@@ -263,8 +263,9 @@ def test_preview_writes_into_the_workdir_without_out(tmp_path, capsys):
      "does not list: add the op or leave the key at 0.0"),
     (["--config.augment.zoom_fraction=1.5"], "config key 'augment.zoom_fraction' must be in [0, 1), got 1.5"),
     (["--config.loss.name=focal"], "config key 'loss.name' must be one of ('softmax_cross_entropy',), got 'focal'"),
-    (["--config.train.batch_transform=mixup"],
-     "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
+    (["--config.train.batch_transform=cutout"],
+     "config key 'train.batch_transform' must be '' (off) or one of ('mixup', 'cutmix', 'mixup_cutmix'), "
+     "got 'cutout'"),
     (["--config.train.eval_transform=five_crop"],
      "config key 'train.eval_transform' must be '' (off) or one of ('horizontal_flip_tta', 'flip_shift_tta'), got 'five_crop'"),
 ])

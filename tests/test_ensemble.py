@@ -161,7 +161,7 @@ def test_ensemble_step_freezes_a_non_finite_member_keeping_its_previous_state():
     c.model.conv_paddings, c.model.conv_pools, c.model.conv_dropouts = ("valid",), (True,), (0.0,)
     c.model.dense_units, c.model.dense_dropouts = (4,), (0.0,)
     model = create_model(c.model, 3)
-    tx, _ = create_optimizer(c.optimizer)
+    tx, _ = create_optimizer(c.optimizer, steps_per_epoch=1, num_epochs=c.train.num_epochs)
     init_keys, dropout_keys = ens_steps.member_keys(0, 3)
     state = ens_steps.create_ensemble_state(model, tx, init_keys, 8)
     params = state.members.params

@@ -167,7 +167,7 @@ def test_a_second_model_family_creates_counts_regularizes_and_trains(one_conv):
     assert float(l2_penalty(params, 0.01)) == pytest.approx(0.01 * (40.5 + 72.0), rel=1e-6)
 
     # One jitted train step: finite, and its loss is the cross-entropy plus this model's L2.
-    tx, _ = create_optimizer(c.optimizer)
+    tx, _ = create_optimizer(c.optimizer, steps_per_epoch=1, num_epochs=c.train.num_epochs)
     state = steps.create_train_state(model, tx, jax.random.key(1), 12)
     images = jax.random.uniform(jax.random.key(2), (4, 12, 12, 3))
     batch = {"image": images, "label": jnp.array([0, 1, 2, 1], jnp.int32), "mask": jnp.array([True] * 3 + [False])}

@@ -23,7 +23,7 @@ def tiny_setup(dropout=0.3, l2=1e-3):
     c.model.dense_units, c.model.dense_dropouts = (8,), (dropout,)
     c.model.l2 = l2
     model = create_model(c.model, 3)
-    tx, _ = create_optimizer(c.optimizer)
+    tx, _ = create_optimizer(c.optimizer, steps_per_epoch=1, num_epochs=c.train.num_epochs)
     return model, tx, steps.create_train_state(model, tx, jax.random.key(0), 8)
 
 
@@ -99,8 +99,10 @@ def test_hooks_off_is_the_step_of_before_bit_for_bit():
     batch, key = tiny_batch(), jax.random.key(5)
     old = jax.jit(functools.partial(train_step_before_issue14, model=model, tx=tx, l2=1e-3))
     new = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3))
+    # The hooks as a run gets them from its config: the loss bound to loss.label_smoothing = 0 (issue 15).
+    loss_fn, batch_transform, _ = steps.recipe_hooks(config_lib.base_config())
     explicit = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, l2=1e-3,
-                                         loss_fn=losses.LOSSES["softmax_cross_entropy"].fn, batch_transform=None))
+                                         loss_fn=loss_fn, batch_transform=batch_transform))
     a, b, c = old(state, batch, key), new(state, batch, key), explicit(state, batch, key)
     assert_trees_equal(a, b)
     assert_trees_equal(a, c)
@@ -213,7 +215,9 @@ def test_the_ensemble_eval_step_applies_the_eval_transform_per_member():
 def test_recipe_hooks_of_a_config(registered):
     c = config_lib.base_config()
     loss_fn, transform, evaluation = steps.recipe_hooks(c)
-    assert loss_fn is losses.LOSSES["softmax_cross_entropy"].fn and transform is None and evaluation is None
+    # The loss comes bound to its keys (issue 15: loss.label_smoothing), at their defaults here.
+    assert loss_fn.func is losses.LOSSES["softmax_cross_entropy"].fn and loss_fn.keywords == {"label_smoothing": 0.0}
+    assert transform is None and evaluation is None
     c.train.batch_transform, c.train.eval_transform = "zero_images", "horizontal_flip_tta"
     config_lib.validate(c)
     _, transform, evaluation = steps.recipe_hooks(c, num_classes=3)
@@ -221,7 +225,9 @@ def test_recipe_hooks_of_a_config(registered):
     assert evaluation is eval_transforms.horizontal_flip_tta
     # A run's config.json from before these keys: the defaults.
     old = ml_collections.ConfigDict({"train": {"batch_size": 4}, "model": {"l2": 0.0}})
-    assert steps.recipe_hooks(old) == (losses.LOSSES["softmax_cross_entropy"].fn, None, None)
+    loss_fn, transform, evaluation = steps.recipe_hooks(old)
+    assert (loss_fn.func, loss_fn.keywords, transform, evaluation) == (
+        losses.LOSSES["softmax_cross_entropy"].fn, {"label_smoothing": 0.0}, None, None)
 
 
 def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registered):
@@ -240,7 +246,8 @@ def test_a_loss_that_cannot_take_soft_targets_is_refused_at_build_time(registere
 
 @pytest.mark.parametrize("key, value, message", [
     ("loss.name", "focal", "config key 'loss.name' must be one of ('softmax_cross_entropy',), got 'focal'"),
-    ("train.batch_transform", "mixup", "config key 'train.batch_transform' must be '' (off) or one of (), got 'mixup'"),
+    ("train.batch_transform", "cutout", "config key 'train.batch_transform' must be '' (off) or one of "
+                                        "('mixup', 'cutmix', 'mixup_cutmix'), got 'cutout'"),
     ("train.eval_transform", "tta", "config key 'train.eval_transform' must be '' (off) or one of "
                                     "('horizontal_flip_tta', 'flip_shift_tta'), got 'tta'"),
 ])

@@ -76,10 +76,11 @@ def test_value_checks_run_whatever_the_choice():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.optimizer.name=sgd", "config key 'optimizer.name' must be one of ('keras_adam', 'adam', 'adamw'), "
-                                    "got 'sgd'"),
+    ("--config.optimizer.name=lamb", "config key 'optimizer.name' must be one of ('keras_adam', 'adam', 'adamw', "
+                                     "'sgd'), got 'lamb'"),
     ("--config.optimizer.schedule=cosine", "config key 'optimizer.schedule' must be one of "
-                                           "('constant', 'exponential_decay'), got 'cosine'"),
+                                           "('constant', 'exponential_decay', 'warmup_cosine', 'one_cycle'), "
+                                           "got 'cosine'"),
     ("--config.data.builder=csv", "config key 'data.builder' must be one of ('competition', 'folders', 'digits'), "
                                   "got 'csv'"),
     ("--config.ensemble.mapping=pmap", "config key 'ensemble.mapping' must be one of "
@@ -98,16 +99,19 @@ def test_an_unknown_name_lists_the_tables_names_in_one_line(override, message):
 
 @pytest.fixture
 def sgd_entry():
-    """optax.sgd with a momentum key, registered for one test and removed after it."""
+    """optax.sgd with a momentum key of its own ('heavy_ball'), registered for one test and removed after it.
+
+    (Named 'test_sgd': the table's own 'sgd' entry, issue 15, declares 'momentum'.)
+    """
     entry = optim.OptimizerEntry(
-        create=lambda o, lr: optax.sgd(lr, momentum=o.momentum),
-        keys={"momentum": 0.0},
-        checks={"momentum": (lambda v: 0 <= v < 1, "in [0, 1)")})
-    optim.OPTIMIZERS.register("sgd", entry)
+        create=lambda o, lr: optax.sgd(lr, momentum=o.heavy_ball),
+        keys={"heavy_ball": 0.0},
+        checks={"heavy_ball": (lambda v: 0 <= v < 1, "in [0, 1)")})
+    optim.OPTIMIZERS.register("test_sgd", entry)
     try:
         yield entry
     finally:
-        optim.OPTIMIZERS.unregister("sgd")
+        optim.OPTIMIZERS.unregister("test_sgd")
 
 
 def tiny_model(c):
@@ -136,21 +140,21 @@ def two_steps(model, tx):
 
 def test_an_optimizer_added_from_a_test_is_one_entry_plus_its_keys(sgd_entry):
     base = config_lib.base_config()  # read from the table now: the new entry's key is in the schema
-    assert "optimizer.momentum" in set(config_lib.leaf_keys(base)) and base.optimizer.momentum == 0.0
-    c = parse("--config.optimizer.name=sgd", "--config.optimizer.momentum=0.9",
+    assert "optimizer.heavy_ball" in set(config_lib.leaf_keys(base)) and base.optimizer.heavy_ball == 0.0
+    c = parse("--config.optimizer.name=test_sgd", "--config.optimizer.heavy_ball=0.9",
               "--config.optimizer.learning_rate=0.1")
-    assert (c.optimizer.name, c.optimizer.momentum) == ("sgd", 0.9)
-    with pytest.raises(ConfigError, match=r"^config key 'optimizer.momentum' \(0.9\) is not used by "
+    assert (c.optimizer.name, c.optimizer.heavy_ball) == ("test_sgd", 0.9)
+    with pytest.raises(ConfigError, match=r"^config key 'optimizer.heavy_ball' \(0.9\) is not used by "
                                           r"optimizer.name='keras_adam': leave it at 0.0"):
-        parse("--config.optimizer.momentum=0.9")
-    with pytest.raises(ConfigError, match=r"^config key 'optimizer.momentum' must be in \[0, 1\), got 1.5$"):
-        parse("--config.optimizer.name=sgd", "--config.optimizer.momentum=1.5")
+        parse("--config.optimizer.heavy_ball=0.9")
+    with pytest.raises(ConfigError, match=r"^config key 'optimizer.heavy_ball' must be in \[0, 1\), got 1.5$"):
+        parse("--config.optimizer.name=test_sgd", "--config.optimizer.heavy_ball=1.5")
     with pytest.raises(ConfigError, match=r"^config key 'optimizer.b1' \(0.5\) is not used by "
-                                          r"optimizer.name='sgd': leave it at 0.9"):
-        parse("--config.optimizer.name=sgd", "--config.optimizer.b1=0.5")
+                                          r"optimizer.name='test_sgd': leave it at 0.9"):
+        parse("--config.optimizer.name=test_sgd", "--config.optimizer.b1=0.5")
 
     model = tiny_model(c)
-    tx, schedule = optim.create_optimizer(c.optimizer)
+    tx, schedule = optim.create_optimizer(c.optimizer, steps_per_epoch=1, num_epochs=c.train.num_epochs)
     assert float(schedule(jnp.int32(5))) == pytest.approx(0.1)
     ours, losses = two_steps(model, tx)
     assert all(np.isfinite(loss) for loss in losses)
@@ -164,13 +168,13 @@ def test_an_optimizer_added_from_a_test_is_one_entry_plus_its_keys(sgd_entry):
 
 
 def test_after_unregistering_the_key_is_gone_again(sgd_entry):
-    optim.OPTIMIZERS.unregister("sgd")
+    optim.OPTIMIZERS.unregister("test_sgd")
     try:
-        assert "optimizer.momentum" not in set(config_lib.leaf_keys(config_lib.base_config()))
-        with pytest.raises(ConfigError, match="unknown config key 'optimizer.momentum'"):
-            parse("--config.optimizer.momentum=0.9")
+        assert "optimizer.heavy_ball" not in set(config_lib.leaf_keys(config_lib.base_config()))
+        with pytest.raises(ConfigError, match="unknown config key 'optimizer.heavy_ball'"):
+            parse("--config.optimizer.heavy_ball=0.9")
     finally:
-        optim.OPTIMIZERS.register("sgd", sgd_entry)  # the fixture removes it
+        optim.OPTIMIZERS.register("test_sgd", sgd_entry)  # the fixture removes it
 
 
 def test_an_entry_key_that_clashes_with_another_default_is_a_programming_error():

@@ -66,7 +66,7 @@ def tiny_setup(l2=1e-3):
     c.model.dense_units, c.model.dense_dropouts = (8,), (0.3,)
     c.model.l2 = l2
     model = create_model(c.model, 3)
-    tx, _ = create_optimizer(c.optimizer)
+    tx, _ = create_optimizer(c.optimizer, steps_per_epoch=1, num_epochs=c.train.num_epochs)
     return model, tx
 
 

@@ -71,6 +71,16 @@ def resampled_positions(labels: np.ndarray, class_repeats: tuple[int, ...]) -> n
     return np.repeat(positions, factors)
 
 
+def steps_per_epoch(labels: np.ndarray, class_repeats: tuple[int, ...], batch_size: int) -> int:
+    """Updates per epoch of a training split: ceil(resampled rows / batch_size) (the last batch padded).
+
+    Args:
+      labels: int64[N] the training split's labels; class_repeats: ``data.class_repeats``;
+      batch_size: ``train.batch_size`` (the global batch).
+    """
+    return math.ceil(len(resampled_positions(labels, class_repeats)) / batch_size)
+
+
 def _seeds(seed: int) -> tuple[int, int]:
     """Two independent 32-bit seeds (shuffle, augmentation) from the run seed."""
     shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2)
@@ -265,7 +275,7 @@ def train_pipeline(
     num_epochs = num_epochs or config.train.num_epochs
     batch_size = config.train.batch_size
     resampled = resampled_positions(split.labels, tuple(config.data.class_repeats))
-    steps = math.ceil(len(resampled) / batch_size)
+    steps = steps_per_epoch(split.labels, tuple(config.data.class_repeats), batch_size)
     shuffle_seed, augment_seed = _seeds(config.seed if seed is None else seed)
     shuffled = grain.MapDataset.range(len(resampled)).shuffle(seed=shuffle_seed)
     params = AugmentParams(**config.augment.to_dict())

@@ -32,7 +32,9 @@ def recipe_line(config) -> str | None:
 
     Names the optimizer when it is not the default one or has a key away from its default, the
     schedule when it is not 'constant', label smoothing when above 0 and the batch transform when
-    one is chosen, each with the settings its entry reads (the keys of the chosen table entries).
+    one is chosen, each with the settings its entry reads (the keys of the chosen table entries); then
+    the EMA decay, the eval transform (with its ``tta`` keys), augment ops other than the default ones
+    and the per-channel normalization, when on.
     """
     from imgclf_jax import batch_transforms, config as config_lib, losses, optim
 
@@ -51,6 +53,19 @@ def recipe_line(config) -> str | None:
     if transform is not None:
         parts.append(f"batch transform '{config.train.batch_transform}'"
                      f"{_settings(transform.keys, config[batch_transforms.SECTION])}")
+    if config.train.ema_decay > 0:
+        parts.append(f"EMA weights (decay {config.train.ema_decay!r})")
+    if config.train.eval_transform:
+        from imgclf_jax import eval_transforms
+
+        entry = eval_transforms.EVAL_TRANSFORMS[config.train.eval_transform]
+        keys = getattr(entry, "keys", {}) or {}
+        parts.append(f"eval transform '{config.train.eval_transform}'{_settings(keys, config.tta)}")
+    if tuple(config.augment.ops) != tuple(config_lib.base_config().augment.ops):
+        parts.append("augment ops " + ", ".join(config.augment.ops))
+    if config.data.channel_mean:
+        parts.append(f"per-channel normalization (mean {tuple(config.data.channel_mean)}, "
+                     f"std {tuple(config.data.channel_std)})")
     return "  recipe: " + "; ".join(parts) if parts else None
 
 

@@ -428,18 +428,31 @@ def test_predict_names_what_the_workdir_lacks_and_a_damaged_config(digits_run, t
 
 
 def test_predict_uses_a_batch_norm_runs_ema_weights_and_statistics(tmp_path):
-    """A ResNet run with EMA: predict restores the result variables (EMA params + BatchNorm statistics) and
-    classifies digits well above chance (with the initial statistics or weights it would not: 1 epoch)."""
-    workdir = train_digits(tmp_path / "run", tmp_path / "cache", "--config.model.name=resnet",
+    """A ResNet run with EMA on a class-folder tree with a labelled test split: predict on the test folder
+    restores the result variables (EMA params + BatchNorm statistics) and gives, image by image, the labels
+    the run itself wrote to submission.csv from its result weights."""
+    import numpy as np
+    from PIL import Image
+
+    from imgclf_jax.data.scan import digits_arrays
+
+    images, labels = digits_arrays()
+    root = tmp_path / "tree"
+    for split, rows in (("train", range(0, 160)), ("validation", range(160, 200)), ("test", range(200, 240))):
+        for i in rows:
+            big = np.asarray(Image.fromarray(images[i]).resize((32, 32), Image.Resampling.BILINEAR))
+            (root / split / str(labels[i])).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.repeat(big[..., None], 3, axis=-1)).save(root / split / str(labels[i]) / f"d{i}.png")
+    workdir = train_digits(tmp_path / "run", tmp_path / "cache", "--config.data.builder=folders",
+                           f"--config.data.dir={root}", "--config.data.max_train_examples=0",
+                           "--config.data.max_val_examples=0", "--config.data.val_fraction=0.1",
+                           "--config.model.name=resnet",
                            "--config.model.stem_width=8", "--config.model.widths=(8,16)",
                            "--config.model.depths=(1,1)", "--config.model.strides=(1,2)",
                            "--config.train.ema_decay=0.9")
-    tree = tmp_path / "tree"
-    truth = digits_tree(tree, count=60)
     out = tmp_path / "preds.csv"
-    done = run_predict("--workdir", workdir, "--images", tree, "--out", out)
+    done = run_predict("--workdir", workdir, "--images", root / "test", "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
+    written = dict(map(tuple, read_csv_rows(workdir / "submission.csv")[1:]))
     predicted = dict(map(tuple, read_csv_rows(out)[1:]))
-    accuracy = sum(predicted[i] == truth[i] for i in truth) / len(truth)
-    summary = json.loads((workdir / "summary.json").read_text())
-    assert accuracy > 0.3, (accuracy, summary["result_val_accuracy"])  # 10 classes: chance is 0.1
+    assert len(written) == 40 and predicted == written

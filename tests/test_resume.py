@@ -113,11 +113,10 @@ RESNET_EMA = ["--config.model.name=resnet", "--config.model.stem_width=8", "--co
               "--config.model.depths=(1,1)", "--config.model.strides=(1,2)", "--config.train.ema_decay=0.9"]
 
 
-@pytest.mark.parametrize("members", [1, 2])
-def test_batch_norm_statistics_and_ema_weights_resume_exactly(tmp_path_factory, tmp_path, members):
-    """A ResNet (BatchNorm statistics in the train state) with EMA weights, SIGTERM mid-epoch: the resumed
-    run ends with the uninterrupted history; the result weights (the EMA's, with its statistics) give the
-    last epoch's validation accuracy again."""
+def test_batch_norm_statistics_and_ema_weights_resume_exactly(tmp_path_factory, tmp_path, members=2):
+    """A 2-member ResNet job (BatchNorm statistics stacked per member in the train state) with EMA weights,
+    SIGTERM mid-epoch: the resumed run ends with the uninterrupted history. (The plain run restores through
+    the same checkpoint code; one member would cost CI another two runs.)"""
     tmp = tmp_path_factory.mktemp("reference_bn")
     reference = command(tmp / "run", tmp / "cache", epochs=2, members=members) + RESNET_EMA
     done = subprocess.run(reference, cwd=ROOT, capture_output=True, text=True)
@@ -131,6 +130,3 @@ def test_batch_norm_statistics_and_ema_weights_resume_exactly(tmp_path_factory, 
     out, err = process.communicate(timeout=120)
     assert process.returncode == 130, err[-2000:]
     rerun_and_compare(cmd, workdir, expected)
-    if members == 1:
-        summary = json.loads((workdir / "summary.json").read_text())
-        assert summary["result_val_accuracy"] == expected[-1]["val_accuracy"]  # no early stopping: last epoch

@@ -322,6 +322,12 @@ def main(argv: list[str]) -> int:
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
     model = values["model"] or "ml1"
     config = load_model_config(model)
+    if config.model.name != "branched_cnn":
+        from imgclf_jax.errors import ConfigError
+
+        raise ConfigError(f"profile_step profiles the branched CNN's parts (its conv layers and fast path); "
+                          f"{model!r} is model.name={config.model.name!r}: time it with python -m "
+                          "benchmarks.train_step instead")
     from imgclf_jax import backend
 
     backend.configure_xla(config.model.fast_path)  # profile what training runs (IMGCLF_JAX_FAST_PATH=0: XLA's)

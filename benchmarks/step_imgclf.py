@@ -70,10 +70,14 @@ def measure_train_step(config: Any, num_classes: int, image_size: int, batch: in
     tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)
     mesh = parallel.make_mesh(batch)
     init_key, dropout_key = jax.random.split(jax.random.key(config.seed))
-    make_state = jax.jit(lambda key: steps_lib.create_train_state(model, tx, key, image_size),
+    ema_decay = config.train.ema_decay
+    make_state = jax.jit(lambda key: steps_lib.create_train_state(model, tx, key, image_size, ema_decay),
                          out_shardings=parallel.replicated(mesh))
     state = make_state(init_key)
-    train_step = steps_lib.jit_train_step(model, tx, config.model.l2, mesh)
+    # The step training runs: the config's loss (label smoothing), batch transform (MixUp/CutMix) and EMA.
+    loss_fn, batch_transform, _ = steps_lib.recipe_hooks(config, num_classes)
+    train_step = steps_lib.jit_train_step(model, tx, config.model.l2, mesh, loss_fn=loss_fn,
+                                          batch_transform=batch_transform, ema_decay=ema_decay)
     host_batch = synthetic_batch(batch, image_size, num_classes)
     metrics = None
 
@@ -95,7 +99,7 @@ def measure_train_step(config: Any, num_classes: int, image_size: int, batch: in
     devices = mesh.devices.flatten()
     return {
         "backend": jax.default_backend(),
-        "fast_path": model.fast_path,  # imgclf_jax.models.fast_path in use (config 'auto' + env var)
+        "fast_path": getattr(model, "fast_path", False),  # CPU fast path in use (models without one: False)
         "device": devices[0].device_kind,
         "device_count": len(devices),
         "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params)),

@@ -2,11 +2,11 @@
 
 Layout in the workdir::
 
-  checkpoints/latest/<updates done>/   state (step, params, opt_state), best params when early
+  checkpoints/latest/<updates done>/   state (step, params, opt_state, model_state, ema), best weights when early
                                       stopping restores them, and JSON loop state (history,
                                       early stopping); the two latest are kept, so a corrupt
                                       newest one falls back to the one before
-  checkpoints/result/                 the result params and JSON metadata (class names, ...)
+  checkpoints/result/                 the result variables and JSON metadata (class names, ...)
   checkpoints/MANIFESTS               a marker: this workdir's checkpoints carry manifests
 
 Every checkpoint folder gets a checksum manifest (:mod:`imgclf_jax.manifest`:
@@ -32,6 +32,7 @@ that fails (a full disk: :class:`DiskFullError`) removes its temporary folder.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -283,6 +284,19 @@ class RunCheckpoints:
             raise error from None
 
     def _restore_step(self, step: int, abstract_state: Any, abstract_best: Any | None) -> tuple:
+        try:
+            return self._restore_items(step, abstract_state, abstract_best)
+        except Exception as error:
+            legacy = _legacy_targets(abstract_state, abstract_best)
+            if legacy is None:
+                raise
+            try:  # a checkpoint written before the state had model_state and EMA (and best weights variables)
+                state, best, loop = self._restore_items(step, legacy[0], legacy[1])
+            except Exception:
+                raise error from None
+            return _from_legacy(abstract_state, state), _best_from_legacy(abstract_best, best), loop
+
+    def _restore_items(self, step: int, abstract_state: Any, abstract_best: Any | None) -> tuple:
         items = {"state": ocp.args.StandardRestore(abstract_state), "loop": ocp.args.JsonRestore()}
         if abstract_best is not None:
             items["best_params"] = ocp.args.StandardRestore(abstract_best)
@@ -448,3 +462,60 @@ def result_holds_variables(metadata: dict) -> bool:
     """Whether a result checkpoint with this metadata holds flax variables ``{'params': ..., ...}`` (every
     result written since BatchNorm models exist) rather than the bare params tree of older runs."""
     return metadata.get("weights") == "variables"
+
+
+# --------------------------------------------------------------------------- checkpoints of older versions
+# Before BatchNorm models existed, the train state was (step, params, opt_state) and the best weights a bare
+# params tree. Such a checkpoint restores into today's state with model_state {} and ema None (what a model
+# without state and a run without EMA have), the best weights as {'params': tree}.
+
+
+def _is_train_state(node: Any) -> bool:
+    return dataclasses.is_dataclass(node) and hasattr(node, "model_state") and hasattr(node, "ema")
+
+
+def _legacy_state(node: Any) -> Any:
+    """`node` with every train state that holds no model_state and no EMA as ``{step, params, opt_state}``
+    (the older layout), or None when there is none such."""
+    if _is_train_state(node):
+        if node.model_state or node.ema is not None:
+            return None
+        return {"step": node.step, "params": node.params, "opt_state": node.opt_state}
+    if dataclasses.is_dataclass(node):  # e.g. the ensemble's state around its stacked members
+        for field in dataclasses.fields(node):
+            inner = _legacy_state(getattr(node, field.name))
+            if inner is not None:
+                return dataclasses.replace(node, **{field.name: inner})
+    return None
+
+
+def _from_legacy(abstract_state: Any, restored: Any) -> Any:
+    """The restored older-layout state in today's layout (model_state {}, ema None)."""
+    if _is_train_state(abstract_state):
+        return abstract_state.replace(step=restored["step"], params=restored["params"],
+                                      opt_state=restored["opt_state"])
+    for field in dataclasses.fields(abstract_state):
+        inner = getattr(abstract_state, field.name)
+        if _legacy_state(inner) is not None:
+            values = {f.name: getattr(restored, f.name) for f in dataclasses.fields(restored)}
+            values[field.name] = _from_legacy(inner, getattr(restored, field.name))
+            return dataclasses.replace(abstract_state, **values)
+    return restored
+
+
+def _legacy_targets(abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any] | None:
+    """(older-layout abstract state, older-layout abstract best weights: the bare params tree), or None
+    when the state has no older layout (a model with state, or EMA on: such runs are all new)."""
+    state = _legacy_state(abstract_state)
+    if state is None:
+        return None
+    best = abstract_best
+    if isinstance(best, dict) and set(best) == {"params"}:
+        best = best["params"]
+    return state, best
+
+
+def _best_from_legacy(abstract_best: Any | None, restored: Any | None) -> Any | None:
+    if restored is None or not (isinstance(abstract_best, dict) and set(abstract_best) == {"params"}):
+        return restored
+    return {"params": restored}

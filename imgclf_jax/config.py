@@ -531,6 +531,13 @@ def check_normalization(data: ml_collections.ConfigDict) -> None:
                               f"[0, 1] pixel scale) or () (off), got {values!r}")
     if std and not all(v > 0 for v in std):
         raise ConfigError(f"config key 'data.channel_std' must be > 0 in every channel, got {std!r}")
+    # Values on the 0..255 scale (as some libraries quote ImageNet's) would train on almost constant inputs.
+    if mean and not all(0.0 <= v <= 1.0 for v in mean):
+        raise ConfigError(f"config key 'data.channel_mean' must be in [0, 1] (the [0, 1] pixel scale, not "
+                          f"0..255: divide by 255), got {mean!r}")
+    if std and not all(v <= 1.0 for v in std):
+        raise ConfigError(f"config key 'data.channel_std' must be <= 1 (the [0, 1] pixel scale, not 0..255: "
+                          f"divide by 255), got {std!r}")
 
 
 def check_optimizer(o: ml_collections.ConfigDict) -> None:
@@ -618,6 +625,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if "warmup_epochs" in optim.SCHEDULES[o.schedule].keys:  # in updates: checked when the data is known
         need(o.warmup_epochs < t.num_epochs, "optimizer.warmup_epochs",
              f"< train.num_epochs ({t.num_epochs}) for optimizer.schedule={o.schedule!r}")
+    if o.schedule == "one_cycle":  # it rises over at least one update (the exact count needs the data)
+        need(o.warmup_epochs > 0, "optimizer.warmup_epochs", "> 0 for optimizer.schedule='one_cycle' (its rising phase)")
     need(t.batch_size >= 1, "train.batch_size", ">= 1")
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")

@@ -33,7 +33,7 @@ predict reads the run's config from the workdir (its config.json): it takes no
 
 Images are read exactly as training's evaluation reads them (Pillow to 8-bit
 RGB, resize to ``data.image_size`` with ``data.resize_method``, scale to
-[0, 1], no augmentation), through the same eval pipeline and eval step, so
+[0, 1], the run's per-channel normalization when it had one, no augmentation), through the same eval pipeline and eval step, so
 predicting the validation folder reproduces the run's validation accuracy.
 """
 

@@ -34,7 +34,8 @@ def epoch_class_counts(train: pipeline.TrainPipeline, labels: np.ndarray, num_cl
 
 
 def first_images(train: pipeline.TrainPipeline, epoch: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` real rows of an epoch: (float32[n, H, W, 3] in [0, 1], int32[n] labels)."""
+    """The first `count` real rows of an epoch: (float32[n, H, W, 3] as the model gets them: in [0, 1], or
+    normalized when data.channel_mean/std are set (main undoes that for display), int32[n] labels)."""
     images, labels = [], []
     start = epoch * train.steps_per_epoch
     needed = math.ceil(count / train.batch_size)

@@ -1,7 +1,8 @@
 """Pure train and eval steps, and the train state.
 
 Batches follow :mod:`imgclf_jax.data.pipeline`: ``image: float32[B, H, W, 3]``
-in [0, 1], ``label: int32[B]``, ``mask: bool[B]`` (False on padding rows).
+in [0, 1] (or ``(x - data.channel_mean) / data.channel_std`` when normalization is on),
+``label: int32[B]``, ``mask: bool[B]`` (False on padding rows).
 
 Losses follow Keras's reporting conventions (../shared/seed-attempts.md): the
 loss is the configured loss (:mod:`imgclf_jax.losses`; by default the softmax

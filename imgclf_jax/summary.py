@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
 
     tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)  # no data: state shapes only
     batch = config.train.batch_size
-    member = memory.member_memory(model, tx, config.model.l2, size, batch)
+    member = memory.member_memory(model, tx, config.model.l2, size, batch, config.train.ema_decay)
     k = config.ensemble.num_members
     keeps_best = bool(config.train.early_stopping.monitor)
     need = memory.ensemble_need_bytes(member, k, keeps_best)

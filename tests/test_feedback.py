@@ -152,7 +152,7 @@ def test_an_ensemble_where_no_member_fits_says_what_to_reduce_not_num_members_0(
     assert "num_members <=" not in message
     assert message.startswith(f"ensemble.num_members=2 needs about {2 * per / memory.GIB:.2f} GiB per device "
                               f"({per / memory.GIB:.2f} GiB per member: params 0.10, optimizer state 0.20, "
-                              "step temporaries at batch 64 per device 2.00, best params copy 0.10)")
+                              "step temporaries at batch 64 per device 2.00, best weights copy 0.10)")
     # (free - fixed) / (2 members x 32 MiB per image) = 1 GiB / 64 MiB = 16 images per device
     assert "about 16 images per device would fit, 64 asked), or data.image_size (now 100)" in message
     assert message.endswith("or ensemble.num_members")

@@ -8,6 +8,7 @@ per member in an ensemble step. The EMA update is checked against the formula by
 
 import functools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -158,3 +159,44 @@ def test_a_bare_params_tree_is_read_as_variables():
     assert steps.as_variables(tree) == {"params": tree}
     variables = {"params": tree, "batch_stats": {}}
     assert steps.as_variables(variables) == variables
+
+
+def test_a_checkpoint_of_the_older_state_layout_restores_into_todays_state(tmp_path):
+    """Runs interrupted before model_state/ema existed: their state (step, params, opt_state) and bare best
+    params tree restore into today's TrainState (model_state {}, ema None) and best variables."""
+    from imgclf_jax import checkpoint as ckpt_lib
+
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    tx = optax.adam(1e-3)
+    @flax.struct.dataclass
+    class OldTrainState:  # steps.TrainState before issue 15
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+
+    old_state = OldTrainState(step=jnp.int32(7), params=params, opt_state=tx.init(params))
+    with ckpt_lib.RunCheckpoints(str(tmp_path)) as checkpoints:
+        checkpoints.save_latest(7, old_state, params, {"epoch": 1})
+    new_state = steps.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params))
+    abstract = jax.eval_shape(lambda: new_state)
+    abstract_best = jax.eval_shape(lambda: {"params": params})
+    with ckpt_lib.RunCheckpoints(str(tmp_path)) as checkpoints:
+        state, best, loop = checkpoints.restore_latest(abstract, abstract_best)
+    assert isinstance(state, steps.TrainState) and int(state.step) == 7
+    assert state.model_state == {} and state.ema is None and loop == {"epoch": 1}
+    np.testing.assert_array_equal(state.params["dense"]["kernel"], params["dense"]["kernel"])
+    np.testing.assert_array_equal(best["params"]["dense"]["bias"], params["dense"]["bias"])
+
+    # An ensemble's state: the stacked members inside EnsembleState.
+    stacked = jax.tree.map(lambda x: jnp.stack([x, x + 1]), old_state)
+    old_ensemble = ens_steps.EnsembleState(members=stacked, active=jnp.array([True, False]))
+    with ckpt_lib.RunCheckpoints(str(tmp_path / "ens")) as checkpoints:
+        checkpoints.save_latest(3, old_ensemble, None, {})
+    new_members = steps.TrainState(step=stacked.step, params=stacked.params, opt_state=stacked.opt_state)
+    abstract = jax.eval_shape(lambda: ens_steps.EnsembleState(members=new_members, active=jnp.ones(2, bool)))
+    with ckpt_lib.RunCheckpoints(str(tmp_path / "ens")) as checkpoints:
+        state, best, _ = checkpoints.restore_latest(abstract, None)
+    assert isinstance(state.members, steps.TrainState) and best is None
+    assert state.members.model_state == {} and state.members.ema is None
+    np.testing.assert_array_equal(state.active, [True, False])
+    np.testing.assert_array_equal(state.members.step, [7, 8])

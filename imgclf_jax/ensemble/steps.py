@@ -11,8 +11,8 @@ own batches. Shapes, with K members and batch size B::
   keys:                  key[K] dropout keys
 
 A member stops updating when it is made inactive (early stopping, decided on
-the host between epochs) or, inside the step, when its loss or its new params
-are not finite: then it keeps the params and optimizer state from before that
+the host between epochs) or, inside the step, when its loss or its new params (BatchNorm
+statistics and EMA included) are not finite: then it keeps its whole state from before that
 step and ``active`` turns False, so a NaN freezes one member and the others go on.
 """
 
@@ -80,7 +80,7 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, *, m
                                 batch_transform=batch_transform, ema_decay=ema_decay)
     mapped = map_members(step_fn, mode, num_members, (0, None if shared_data else 0, 0))
     new, metrics = mapped(state.members, batch, keys)
-    finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite(new.params)
+    finite = jnp.isfinite(metrics["loss_sum"]) & _all_finite((new.params, new.model_state, new.ema))
     updated = state.active & finite
     members = select_members(updated, new, state.members)
     nan = state.active & ~finite

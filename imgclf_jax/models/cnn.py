@@ -129,7 +129,7 @@ class BranchedCNN(nn.Module):
         """Maps images to class logits.
 
         Args:
-          images: float32[B, H, W, 3], pixel values scaled to [0, 1].
+          images: float32[B, H, W, 3], pixel values scaled to [0, 1] (or normalized per channel).
           train: enables dropout, which then draws from the 'dropout' rng collection
             (``model.apply(variables, x, train=True, rngs={'dropout': key})``).
 

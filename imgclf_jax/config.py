@@ -531,13 +531,11 @@ def check_normalization(data: ml_collections.ConfigDict) -> None:
                               f"[0, 1] pixel scale) or () (off), got {values!r}")
     if std and not all(v > 0 for v in std):
         raise ConfigError(f"config key 'data.channel_std' must be > 0 in every channel, got {std!r}")
-    # Values on the 0..255 scale (as some libraries quote ImageNet's) would train on almost constant inputs.
+    # Values on the 0..255 scale (as some libraries quote ImageNet's) would train on almost constant inputs; a
+    # mean is pasted with its std, so the mean's range catches both.
     if mean and not all(0.0 <= v <= 1.0 for v in mean):
         raise ConfigError(f"config key 'data.channel_mean' must be in [0, 1] (the [0, 1] pixel scale, not "
                           f"0..255: divide by 255), got {mean!r}")
-    if std and not all(v <= 1.0 for v in std):
-        raise ConfigError(f"config key 'data.channel_std' must be <= 1 (the [0, 1] pixel scale, not 0..255: "
-                          f"divide by 255), got {std!r}")
 
 
 def check_optimizer(o: ml_collections.ConfigDict) -> None:

@@ -312,3 +312,11 @@ def test_recipe_keys_default_to_today_and_override():
     assert args.config.train.eval_transform == "horizontal_flip_tta"
     args = cli.parse_args(["--config", str(ROOT / "configs/ml1.py"), "--config.augment.ops=()"])
     assert args.config.augment.ops == ()  # ml1 augments nothing: an empty list is valid
+
+
+def test_a_channel_mean_on_the_0_255_scale_is_refused_in_one_line():
+    c = config_lib.base_config()
+    c.data.channel_mean, c.data.channel_std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    with pytest.raises(ConfigError, match=r"config key 'data.channel_mean' must be in \[0, 1\] \(the \[0, 1\] "
+                                          r"pixel scale, not 0..255: divide by 255\), got \(123.7, 116.3, 103.5\)"):
+        config_lib.validate(c)

@@ -48,7 +48,7 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)
     early_stopping: dict = dataclasses.field(default_factory=dict)
     timing: dict = dataclasses.field(default_factory=lambda: {"train_seconds": 0.0, "train_images": 0})
-    data: str = ""  # the prepared dataset's name: a resumed run must see the same data
+    data: str = ""  # RunData.identity (the data's content digest): a resumed run must see the same data
 
 
 class InterruptGuard:
@@ -208,16 +208,16 @@ def train(job: Job) -> dict:
             abstract_state, abstract_best = job.abstract_state()
             state, best_params, saved = checkpoints.restore_latest(abstract_state, abstract_best)
             progress = Progress(**saved)
-            if progress.data != data.fingerprint:
+            if progress.data not in (data.identity, data.fingerprint):  # runs before digests saved the name
                 raise ConfigError(
                     f"the data changed since the run in '{workdir}' started ({progress.data} -> "
-                    f"{data.fingerprint}); use another --workdir, or --overwrite to start again")
+                    f"{data.identity}); use another --workdir, or --overwrite to start again")
             job.restore(state, best_params, progress.early_stopping)
         elif (done := finished_summary(workdir, config, checkpoints)) is not None:
             return done
         else:
             state = job.init_state()
-            progress = Progress(data=data.fingerprint, totals=job.empty_totals())
+            progress = Progress(data=data.identity, totals=job.empty_totals())
         print(banner.start_banner(config, workdir, data, job.num_params(state), list(mesh.devices.flat),
                                   start_text(progress, job.stopped(), num_epochs)), flush=True)
 

@@ -198,6 +198,37 @@ def test_a_model_too_deep_for_the_image_stops_before_any_data_work(tmp_path):
         loop.train_and_evaluate(c, str(tmp_path / "run"))
 
 
+def test_the_same_images_copied_anew_resume_and_a_changed_pixel_is_refused(small_competition, tmp_path):
+    """New modification times re-prepare the data (the cache key) but the content digest, and so the run,
+    stay the same; one changed pixel changes the digest."""
+    from imgclf_jax.errors import ConfigError
+    root = copy_of(small_competition, tmp_path / "data")
+    c = config_lib.load_config_file(str(ROOT / "configs/ml1.py"))
+    c.data.dir, c.data.cache_dir = str(root), str(tmp_path / "cache")
+    c.train.num_epochs, c.train.batch_size = 1, 16
+    c.model.conv_filters, c.model.dense_units, c.data.image_size = (4, 4, 4), (8,), 32
+    first = builders.prepare("competition", str(root), c.data.cache_dir)
+    assert first.content_digest.startswith("content-")
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+    for path in root.rglob("*"):  # the same bytes with new modification times, as a fresh copy has
+        os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    again = builders.prepare("competition", str(root), c.data.cache_dir)
+    assert again.path != first.path and again.content_digest == first.content_digest
+    c.train.num_epochs = 2
+    loop.train_and_evaluate(c, str(tmp_path / "run"))
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [e["epoch"] for e in history] == [1, 2]
+    image = sorted((root / "validation").glob("*.png"))[0]  # PNG: lossless, one pixel changes
+    pixels = np.array(Image.open(image).convert("RGB"))
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(image)
+    changed = builders.prepare("competition", str(root), c.data.cache_dir)
+    assert changed.content_digest != first.content_digest
+    c.train.num_epochs = 3
+    with pytest.raises(ConfigError, match=f"the data changed since the run.*{first.content_digest} -> content-"):
+        loop.train_and_evaluate(c, str(tmp_path / "run"))
+
+
 def test_resuming_on_changed_data_is_refused(small_competition, tmp_path):
     from imgclf_jax.errors import ConfigError
     root = copy_of(small_competition, tmp_path / "data")

@@ -11,7 +11,9 @@ labels, file names, sizes, modification times): changed data is prepared
 again, unchanged data never. It is written into a temporary folder and renamed
 into place, so an interrupted or concurrent preparation never leaves a
 half-written folder that a later run would trust. The data folder itself is
-only read.
+only read. A run records the prepared data's content digest (:func:`content_digest`:
+ids, labels and decoded pixels), not the folder name, so the same images copied
+anew (new modification times, so prepared again) still resume it.
 
 The prepared folder carries a checksum manifest (:mod:`imgclf_jax.manifest`,
 written before the rename), checked each time it is opened: a truncated
@@ -84,6 +86,7 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         del dl_manager
         self.info.metadata["class_names"] = list(self._scan.class_names)
         self.info.metadata["image_sizes"] = {}  # "HxW" -> count, filled while generating
+        self.info.metadata["content_digests"] = {}  # split -> sha256 of its rows, filled while generating
         return {
             split: self._generate_examples(split, examples)
             for split, examples in self._scan.splits.items()
@@ -108,6 +111,7 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, split: str, examples: list[scan_lib.Example]):
         workers = min(8, os.cpu_count() or 1)
+        digest = hashlib.sha256()
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, progress.Bar(
             len(examples), f"preparing {split}"
         ) as bar:  # a tqdm bar on a terminal, plain lines in a log file
@@ -118,12 +122,15 @@ class _ImageBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     size = f"{pixels.shape[0]}x{pixels.shape[1]}"
                     sizes = self.info.metadata["image_sizes"]
                     sizes[size] = sizes.get(size, 0) + 1
+                    digest.update(f"{example.image_id}\0{example.label}\0{size}\0".encode())
+                    digest.update(np.ascontiguousarray(pixels).tobytes())
                     yield start + offset, {
                         "image": pixels,
                         "image_id": example.image_id,
                         "label": example.label,
                     }
                 bar.update(len(chunk))
+        self.info.metadata["content_digests"][split] = digest.hexdigest()
 
 
 class Competition(_ImageBuilder):
@@ -211,6 +218,7 @@ class PreparedDataset:
     class_names: list[str]
     splits: dict[str, PreparedSplit]
     sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    content_digest: str = ""  # :func:`content_digest`; '' for a folder prepared before digests existed
 
 
 def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
@@ -231,6 +239,23 @@ def cache_key(builder_cls: type, root: str, scan: scan_lib.Scan) -> str:
             rel = os.path.relpath(ex.path, root) if ex.path else ""
             digest.update(f"{split}\0{ex.image_id}\0{ex.label}\0{rel}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()[:16]
+
+
+def content_digest(class_names: list[str], split_digests: dict[str, str]) -> str:
+    """What a prepared dataset holds, as a hex digest: its class names and every split's rows.
+
+    A split's digest (written while preparing, in the tfds metadata as ``content_digests``) is the
+    sha256 of its rows in order: image id, label, size and decoded pixels. Unlike the cache key (which
+    hashes file sizes and modification times, to find a prepared copy without reading the images), it
+    stays the same when the same images are copied anew, so a run resumes on a re-prepared copy.
+    Returns '' when `split_digests` is empty (a folder prepared before digests existed).
+    """
+    if not split_digests:
+        return ""
+    digest = hashlib.sha256(json.dumps(list(class_names)).encode())
+    for split, value in sorted(split_digests.items()):
+        digest.update(f"{split}\0{value}\n".encode())
+    return f"content-{digest.hexdigest()[:16]}"
 
 
 def _remove_abandoned(final: str) -> None:
@@ -398,4 +423,5 @@ def open_prepared(builder_cls: type, path: str, scan: scan_lib.Scan) -> Prepared
             image_ids=[ex.image_id for ex in examples],
             labels=np.array([ex.label for ex in examples], dtype=np.int64),
         )
-    return PreparedDataset(path=path, class_names=list(class_names), splits=splits, sources=dict(scan.sources))
+    return PreparedDataset(path=path, class_names=list(class_names), splits=splits, sources=dict(scan.sources),
+                           content_digest=content_digest(class_names, metadata.get("content_digests", {})))

@@ -57,12 +57,18 @@ class RunData:
     validation: Split
     test: Split | None
     fingerprint: str = ""  # the prepared dataset's folder name (builder and cache key)
+    content_digest: str = ""  # builders.content_digest of the prepared dataset ('' if prepared before digests)
     # split name -> where its rows came from, for the start banner, e.g.
     # {"train": "12,500 images from train.csv + train/", "validation": "1,250 images from validation.csv +
     # validation/"}, or held out: {"train": "3,600 images from train/ (the rest held out for validation)",
     # "validation": "400 images from train/ (10% held out by data.val_fraction=0.1,
     # stratified by class, data.split_seed=0)"}
     sources: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """What a resumed run must see again: the content digest, else the prepared folder's name."""
+        return self.content_digest or self.fingerprint
 
     @property
     def num_classes(self) -> int:
@@ -181,7 +187,8 @@ def make_run_data(prepared: PreparedDataset, data: ml_collections.ConfigDict) ->
     if test is not None:
         sources["test"] = _described(where["test"], len(test), [])
     return RunData(class_names=prepared.class_names, train=train, validation=validation, test=test,
-                   fingerprint=os.path.basename(prepared.path), sources=sources)
+                   fingerprint=os.path.basename(prepared.path), content_digest=prepared.content_digest,
+                   sources=sources)
 
 
 def load_run_data(data: ml_collections.ConfigDict) -> RunData:

@@ -141,7 +141,7 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
     per = ensemble_need_bytes(member, 1, keeps_best)
     best = member.params + member.model_state
     parts = (f"params {member.params / GIB:.2f}, optimizer state {member.opt_state / GIB:.2f}, "
-             + (f"BatchNorm statistics {member.model_state / GIB:.2f}, " if member.model_state else "")
+             + (f"model state (BatchNorm statistics) {member.model_state / GIB:.2f}, " if member.model_state else "")
              + (f"EMA weights {member.ema / GIB:.2f}, " if member.ema else "")
              + f"step temporaries at batch {member.batch} per device {member.temp / GIB:.2f}"
              f"{f', best weights copy {best / GIB:.2f}' if keeps_best else ''}")

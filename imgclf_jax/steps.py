@@ -19,7 +19,7 @@ CNN, whose steps are then exactly what they were) and, when ``train.ema_decay``
 is on, an exponential moving average of the weights (``ema``). Everything that
 evaluates weights takes flax *variables* ``{'params': ..., 'batch_stats': ...}``
 (:func:`eval_variables` gives a state's: the EMA's when on); a bare params tree is
-accepted as ``{'params': tree}`` (:func:`as_variables`).
+accepted as ``{'params': tree}`` (:func:`imgclf_jax.models.base.as_variables`).
 
 Recipe hooks (:func:`recipe_hooks` builds them from a config; None = off, the
 default, which gives bit-identical results to a step without them):
@@ -41,6 +41,7 @@ import optax
 
 from imgclf_jax import batch_transforms, eval_transforms, losses, parallel
 from imgclf_jax.models import entry_for, l2_penalty
+from imgclf_jax.models.base import as_variables
 
 
 @flax.struct.dataclass
@@ -61,14 +62,6 @@ class TrainState:
     opt_state: Any
     model_state: Any = flax.struct.field(default_factory=dict)
     ema: Any = None
-
-
-def as_variables(weights: Any) -> dict:
-    """Flax variables of `weights`: a variables dict ``{'params': ..., ...}`` as it is, a bare params tree
-    (what the result checkpoints of stateless models held before variables existed) as ``{'params': weights}``."""
-    if hasattr(weights, "keys") and "params" in weights.keys():
-        return dict(weights)
-    return {"params": weights}
 
 
 def init_variables(model: nn.Module, key: jax.Array, image_size: int) -> dict:
@@ -119,9 +112,19 @@ def ema_update(ema: Any, variables: Any, decay: float, step: jax.Array) -> Any:
     return jax.tree.map(lambda e, v: (d * e + (1.0 - d) * v).astype(e.dtype), ema, variables)
 
 
-def _model_kwargs(model: nn.Module, batch: dict) -> dict:
-    """``{'mask': batch['mask']}`` for a model whose entry takes the mask (BatchNorm statistics over real rows)."""
-    return {"mask": batch["mask"]} if entry_for(model).takes_mask else {}
+def _model_kwargs(model: nn.Module, batch: dict, model_state: dict) -> dict:
+    """``{'mask': batch['mask']}`` for a model whose entry takes the mask (BatchNorm statistics over real rows).
+
+    Raises:
+      ValueError: the model has variable collections besides params (`model_state`, e.g. BatchNorm
+        statistics) but its entry does not take the mask: the padded rows of a last batch would enter them.
+    """
+    entry = entry_for(model)
+    if model_state and not entry.takes_mask:
+        raise ValueError(f"model '{entry.name}' keeps {sorted(model_state)} but its ModelEntry does not set "
+                         "takes_mask: its padded rows would enter those statistics; take mask= and set "
+                         "takes_mask=True")
+    return {"mask": batch["mask"]} if entry.takes_mask else {}
 
 
 def _loss_and_metrics(logits, batch, penalty, loss_fn):
@@ -148,21 +151,31 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, model: nn.Modu
       batch_transform: ``fn(batch, key) -> batch`` applied before the forward pass with key
         :func:`imgclf_jax.batch_transforms.transform_key` of this step's dropout key (which is
         itself unchanged); None = off.
-      ema_decay: the EMA decay (static); 0 = off (``state.ema`` must then be None).
+      ema_decay: the EMA decay (static); 0 = off. It must agree with the state (``state.ema`` None
+        exactly when 0, as :func:`create_train_state` makes it).
 
     The model runs in training mode: dropout on, and a model with ``model_state`` (BatchNorm) computes
     batch statistics (over the rows where ``mask`` is True, for a model whose entry ``takes_mask``) and
     returns its new running statistics, which the new state carries.
 
     Returns:
-      (new state, metrics with float32 sums ``loss_sum``, ``correct``, ``count``).
+      (new state, metrics with float32 sums ``loss_sum``, ``correct``, ``count``). ``correct`` counts
+      rows whose argmax is the row's own label, also when a batch transform mixed the images (so train
+      accuracy under MixUp/CutMix is not comparable with a run without them; validation is).
+
+    Raises:
+      ValueError: `ema_decay` and ``state.ema`` disagree, or a model with ``model_state`` whose entry
+        does not take the mask (:func:`_model_kwargs`); both at trace time.
     """
     loss_fn = losses.LOSSES[losses.DEFAULT].fn if loss_fn is None else loss_fn
     dropout_key = jax.random.fold_in(key, state.step)
     if batch_transform is not None:
         batch = batch_transform(batch, batch_transforms.transform_key(dropout_key))
 
-    kwargs = _model_kwargs(model, batch)
+    kwargs = _model_kwargs(model, batch, state.model_state)
+    if (ema_decay > 0) != (state.ema is not None):
+        raise ValueError(f"train_step: ema_decay={ema_decay} but the state's ema is "
+                         f"{'None' if state.ema is None else 'set'}: create the state with the same ema_decay")
 
     def objective(params):
         if state.model_state:

@@ -20,8 +20,8 @@ total for ``ensemble.num_members`` members, and, as the last line, one JSON
 object::
 
   {"num_params": N, "num_state": S, "flops_per_image": F, "flops_convention": "...",
-   "memory_per_member_bytes": {"params": .., "model_state": .., "opt_state": .., "temp": .., "batch": ..,
-                               "total": ..},
+   "memory_per_member_bytes": {"params": .., "opt_state": .., "model_state": .., "ema": .., "temp": ..,
+                               "batch": .., "total": ..},
    "num_members": K, "memory_need_bytes": M}
 
 FLOPs are counted analytically (:func:`count_flops`): 2 per multiply-add of the
@@ -166,7 +166,9 @@ def main(argv: list[str]) -> int:
     need = memory.ensemble_need_bytes(member, k, keeps_best)
     mib = 2.0**20
     print(f"memory per member, batch {batch} on one device: params {member.params / mib:,.1f} MiB, "
-          + (f"BatchNorm statistics {member.model_state / mib:,.2f} MiB, " if member.model_state else "") +
+          + (f"model state (BatchNorm statistics) {member.model_state / mib:,.2f} MiB, " if member.model_state
+             else "")
+          + (f"EMA weights {member.ema / mib:,.2f} MiB, " if member.ema else "") +
           f"optimizer state {member.opt_state / mib:,.1f} MiB, step temporaries {member.temp / mib:,.1f} MiB"
           f"{f', best-weights copy {(member.params + member.model_state) / mib:,.1f} MiB' if keeps_best else ''}; "
           f"{k} member{'s' if k > 1 else ''}: {need / mib:,.1f} MiB")

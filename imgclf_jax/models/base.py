@@ -101,12 +101,19 @@ def register(entry: ModelEntry) -> ModelEntry:
     return MODELS.register(entry.name, entry)
 
 
+def as_variables(weights: Any) -> dict:
+    """Flax variables of `weights`: a variables dict ``{'params': ..., ...}`` (e.g. with ``batch_stats``) as
+    it is, a bare params tree (what the result checkpoints of stateless models held before variables
+    existed, and what the steps' callers passed before) as ``{'params': weights}``."""
+    if hasattr(weights, "keys") and "params" in weights.keys():
+        return dict(weights)
+    return {"params": weights}
+
+
 def params_dict(params: Any) -> Any:
-    """Accepts either the variables ``{'params': {...}, ...}`` (other collections, e.g. ``batch_stats``,
-    ignored) or the params tree itself; returns the tree."""
-    if hasattr(params, "keys") and "params" in params.keys():
-        return params["params"]
-    return params
+    """The params tree of `params`: the variables ``{'params': {...}, ...}`` (other collections, e.g.
+    ``batch_stats``, ignored) or the params tree itself (:func:`as_variables`)."""
+    return as_variables(params)["params"]
 
 
 def require(ok: bool, model_config: Any, key: str, what: str) -> None:

@@ -200,3 +200,19 @@ def test_a_checkpoint_of_the_older_state_layout_restores_into_todays_state(tmp_p
     assert state.members.model_state == {} and state.members.ema is None
     np.testing.assert_array_equal(state.active, [True, False])
     np.testing.assert_array_equal(state.members.step, [7, 8])
+
+
+def test_train_step_refuses_an_ema_setting_the_state_does_not_have_and_a_stateful_model_without_the_mask(model):
+    tx = optax.sgd(0.1)
+    batch = batch_of(4)
+    plain = steps.create_train_state(model, tx, jax.random.key(0), 6)  # ema None
+    with pytest.raises(ValueError, match="ema_decay=0.9 but the state's ema is None"):
+        steps.train_step(plain, batch, jax.random.key(1), model=model, tx=tx, l2=0.0, ema_decay=0.9)
+    averaged = steps.create_train_state(model, tx, jax.random.key(0), 6, ema_decay=0.9)
+    with pytest.raises(ValueError, match="ema_decay=0.0 but the state's ema is set"):
+        steps.train_step(averaged, batch, jax.random.key(1), model=model, tx=tx, l2=0.0)
+    MODELS.unregister("tiny_bn")  # the same module under an entry that forgets takes_mask
+    MODELS.register("tiny_bn", TINY_BN.__class__(**{**TINY_BN.__dict__, "takes_mask": False}))
+    with pytest.raises(ValueError, match=r"model 'tiny_bn' keeps \['batch_stats'\] but its ModelEntry does not set "
+                                         "takes_mask"):
+        steps.train_step(plain, batch, jax.random.key(1), model=model, tx=tx, l2=0.0)

@@ -100,6 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'resume': keep checkpoints/latest (what resuming or training further needs) and checkpoints/result;
     # 'result': once the run has finished, delete checkpoints/latest and keep only checkpoints/result.
     c.train.keep_checkpoints = "resume"
+    # TensorBoard's train/loss_per_step every this many updates (the mean since the previous point or the
+    # epoch's start; imgclf_jax.tracking); 0 = off. Per-epoch scalars and metrics.csv are always written.
+    c.train.log_every_steps = 50
     # Recipe slots ('' = off): a per-batch transform inside the train step (imgclf_jax.batch_transforms,
     # e.g. MixUp) and an evaluation-time transform of the forward pass (imgclf_jax.eval_transforms,
     # e.g. 'horizontal_flip_tta': mean softmax over the image and its mirror; validation, test, predict).
@@ -629,6 +632,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(t.early_stopping.monitor in MONITORS, "train.early_stopping.monitor", f"one of {MONITORS}")
     need(t.early_stopping.patience >= 0, "train.early_stopping.patience", ">= 0 epochs")
     need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0 = off)")
+    need(isinstance(t.log_every_steps, int) and t.log_every_steps >= 0, "train.log_every_steps",
+         "an integer >= 0 (updates; 0 = off)")
     need(t.keep_checkpoints in KEEP_CHECKPOINTS, "train.keep_checkpoints", f"one of {KEEP_CHECKPOINTS}")
     e = config.ensemble
     need(e.num_members >= 1, "ensemble.num_members", ">= 1 (1 = a plain run)")

@@ -3,8 +3,9 @@
 :func:`train` owns what every run shares: resuming from ``checkpoints/latest``
 (or recognising a finished run), the start banner, the epoch loop, a
 checkpoint save after every epoch and on SIGINT/SIGTERM (after the current
-step), the interrupt exits, history.json, and closing the checkpoints on every
-exit (a ``with`` block). What differs between jobs (state, step, metric sums,
+step), the interrupt exits, history.json, the logs other tools read
+(metrics.csv, TensorBoard event files, the preview grid: :mod:`imgclf_jax.tracking`), and closing the
+checkpoints on every exit (a ``with`` block). What differs between jobs (state, step, metric sums,
 validation, early stopping, reports) is the job's (:class:`imgclf_jax.job.Job`).
 
 A resumed run computes exactly what an uninterrupted one would: the checkpoint
@@ -25,7 +26,7 @@ import time
 
 import jax
 
-from imgclf_jax import banner, report
+from imgclf_jax import banner, preview, report, tracking
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.errors import CheckpointError, ConfigError, Interrupted
@@ -49,6 +50,10 @@ class Progress:
     early_stopping: dict = dataclasses.field(default_factory=dict)
     timing: dict = dataclasses.field(default_factory=lambda: {"train_seconds": 0.0, "train_images": 0})
     data: str = ""  # RunData.identity (the data's content digest): a resumed run must see the same data
+    # TensorBoard's per-step points so far ([update, [mean loss per stream]]) and the running sums at the last one
+    # (None = the epoch's start): the log is written again from them on resume (imgclf_jax.tracking).
+    step_points: list = dataclasses.field(default_factory=list)
+    step_base: dict | None = None
 
 
 class InterruptGuard:
@@ -79,6 +84,20 @@ class InterruptGuard:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        return False
+
+
+class _closing:
+    """``with _closing(log):`` closes the TensorBoard log's writers on every exit."""
+
+    def __init__(self, log: tracking.RunLog):
+        self.log = log
+
+    def __enter__(self):
+        return self.log
+
+    def __exit__(self, *exc):
+        self.log.close()
         return False
 
 
@@ -132,7 +151,8 @@ def finished_summary(workdir: str, config, checkpoints: ckpt_lib.RunCheckpoints)
         "rerun with --overwrite to train it again from the start")
 
 
-def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_epochs: int) -> tuple[object, bool]:
+def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_epochs: int,
+              log: tracking.RunLog | None = None, log_every: int = 0) -> tuple[object, bool]:
     """Runs the rest of epoch `progress.epoch` from batch `progress.batch`, updating `progress`.
 
     Args:
@@ -140,6 +160,8 @@ def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_ep
       job: the job: its pipeline (``job.train``), its step (host batch -> (state, device metrics))
         and its ``accumulate`` (adds a step's metrics to ``progress.totals``; may raise to stop).
       progress, guard, num_epochs: where the run is, the interrupt flag, the epochs to run (for the bar).
+      log, log_every: the TensorBoard log and its per-step interval in updates (0 = none): every
+        `log_every` updates the mean loss since the previous point goes to ``progress.step_points`` and the log.
 
     Each step's metrics are read one step late (so the device stays busy).
     Returns (state, True when the epoch is complete; False when interrupted:
@@ -155,8 +177,15 @@ def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_ep
 
     def absorb(item) -> None:
         batch_index, device_metrics = item
-        postfix = job.accumulate(progress, device_metrics, epoch * steps_per_epoch + batch_index + 1, batch_index)
+        global_step = epoch * steps_per_epoch + batch_index + 1
+        postfix = job.accumulate(progress, device_metrics, global_step, batch_index)
         progress.batch = batch_index + 1
+        if log_every and global_step % log_every == 0:
+            losses = tracking.window_losses(progress.totals, progress.step_base)
+            progress.step_points.append([global_step, losses])
+            progress.step_base = json.loads(json.dumps(progress.totals))  # a copy
+            if log is not None:
+                log.step_loss(global_step, losses)
         bar.set_postfix(**postfix)
 
     iterator = train.batches(epoch * steps_per_epoch + first, (epoch + 1) * steps_per_epoch)
@@ -220,37 +249,52 @@ def train(job: Job) -> dict:
             progress = Progress(data=data.identity, totals=job.empty_totals())
         print(banner.start_banner(config, workdir, data, job.num_params(state), list(mesh.devices.flat),
                                   start_text(progress, job.stopped(), num_epochs)), flush=True)
+        preview_png = os.path.join(workdir, "preview.png")
+        if not os.path.isfile(preview_png):  # the first images of epoch 1 (member 0's stream in an ensemble)
+            preview.write_grid(data, config, 0, min(32, len(data.train)), os.path.basename(workdir), preview_png)
+        log = tracking.RunLog(workdir, config.ensemble.num_members)
+        log.start(config.to_dict(), progress.history, progress.step_points, preview_png)
 
         def save() -> None:
             progress.early_stopping = job.stopping_state()
             checkpoints.save_latest(job.checkpoint_position(state, progress), state, job.best_params(),
                                     dataclasses.asdict(progress))
 
-        with InterruptGuard() as guard:
-            while progress.epoch < num_epochs and not job.stopped():
-                epoch = progress.epoch
-                job.start_epoch()
-                state, finished = run_epoch(state, job, progress, guard, num_epochs)
-                if not finished:
+        with _closing(log):
+            with InterruptGuard() as guard:
+                while progress.epoch < num_epochs and not job.stopped():
+                    epoch = progress.epoch
+                    job.start_epoch()
+                    timed = dict(progress.timing)
+                    state, finished = run_epoch(state, job, progress, guard, num_epochs, log,
+                                                config.train.log_every_steps)
+                    if not finished:
+                        save()
+                        raise Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
+                                          f"checkpoint saved in {workdir}; rerun the same command to resume")
+                    started = time.perf_counter()
+                    state, entry = job.end_epoch(state, progress)
+                    images = progress.timing["train_images"] - timed["train_images"]
+                    seconds = progress.timing["train_seconds"] - timed["train_seconds"]
+                    # this process's steady-state rate in the epoch (its first step, compiling, left out)
+                    entry["train_images_per_s"] = images / seconds if images and seconds > 0 else None
+                    entry["seconds"] = progress.seconds + time.perf_counter() - started
+                    print(job.epoch_line(entry) + "; " + progress_lib.eta_text(
+                        [h["seconds"] for h in progress.history] + [entry["seconds"]],
+                        num_epochs - epoch - 1, job.keeps_best))
+                    progress.history.append(entry)
+                    progress.epoch, progress.batch, progress.seconds = epoch + 1, 0, 0.0
+                    progress.totals, progress.step_base = job.empty_totals(), None
                     save()
-                    raise Interrupted(f"{guard.signal_name} at epoch {epoch + 1}, batch {progress.batch}: "
-                                      f"checkpoint saved in {workdir}; rerun the same command to resume")
-                started = time.perf_counter()
-                state, entry = job.end_epoch(state, progress)
-                entry["seconds"] = progress.seconds + time.perf_counter() - started
-                print(job.epoch_line(entry) + "; " + progress_lib.eta_text(
-                    [h["seconds"] for h in progress.history] + [entry["seconds"]],
-                    num_epochs - epoch - 1, job.keeps_best))
-                progress.history.append(entry)
-                progress.epoch, progress.batch, progress.seconds = epoch + 1, 0, 0.0
-                progress.totals = job.empty_totals()
-                save()
-                report.write_json(os.path.join(workdir, "history.json"), progress.history)
-                if guard.signal_name is not None and progress.epoch < num_epochs:
-                    raise Interrupted(f"{guard.signal_name} after epoch {progress.epoch}: checkpoint saved "
-                                      f"in {workdir}; rerun the same command to resume")
+                    report.write_json(os.path.join(workdir, "history.json"), progress.history)
+                    tracking.write_metrics_csv(os.path.join(workdir, tracking.METRICS_CSV), progress.history)
+                    log.epoch(entry)
+                    if guard.signal_name is not None and progress.epoch < num_epochs:
+                        raise Interrupted(f"{guard.signal_name} after epoch {progress.epoch}: checkpoint saved "
+                                          f"in {workdir}; rerun the same command to resume")
 
-        summary = job.finish(state, progress, checkpoints)
+            summary = job.finish(state, progress, checkpoints)
+            log.confusion_matrix(os.path.join(workdir, "confusion_matrix.png"), len(progress.history))
         keep_checkpoints(config, checkpoints)
     job.check_result(summary)
     return summary

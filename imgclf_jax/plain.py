@@ -125,7 +125,7 @@ class PlainJob(Job):
 
     def epoch_line(self, entry: dict) -> str:
         return (f"epoch {entry['epoch']}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds", "learning_rate"))
+            f"{k} {v:.4f}" for k, v in entry.items() if k not in ("epoch", "seconds", "learning_rate", "train_images_per_s"))
             + f", learning_rate {entry['learning_rate']:.3g}, {entry['seconds']:.0f}s")
 
     # ----------------------------------------------------------------- result

@@ -68,6 +68,33 @@ def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], ti
     plt.close(fig)
 
 
+def write_grid(data: splits.RunData, config, epoch: int, num_images: int, name: str, path: str):
+    """Writes the PNG grid of the first `num_images` training rows of `epoch` (0-based) to `path`.
+
+    The images are shown as pixels (per-channel normalization undone), titled with `name`, the seed,
+    the epoch and its per-class counts. Also used by training for the run's preview.png (epoch 0),
+    which TensorBoard shows (:mod:`imgclf_jax.tracking`).
+
+    Returns (the images, float32[n, H, W, 3] in [0, 1]; int64[num_classes] class counts of the epoch;
+    the training pipeline).
+    """
+    train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
+    counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)
+    images, labels = first_images(train, epoch, num_images)
+    norm = pipeline.normalization(config.data)
+    if norm is not None:  # show the pixels, not the model's normalized input
+        images = images * norm[1] + norm[0]
+    count_text = ", ".join(f"{cls}: {c}" for cls, c in zip(data.class_names, counts))
+    repeats = ",".join(map(str, config.data.class_repeats)) or "1 each"
+    title = (
+        f"{name} seed {config.seed}, epoch {epoch + 1}: "
+        f"{len(data.train)} examples x class repeats ({repeats}) = {train.epoch_size} rows, "
+        f"{train.steps_per_epoch} batches of {config.train.batch_size}\nper class: {count_text}"
+    )
+    save_grid(images, labels, data.class_names, title, path)
+    return images, counts, train
+
+
 def counts_line(epoch: int, examples: int, rows: int, steps: int, class_counts: dict[str, int]) -> str:
     """The readable line preview prints after the grid, e.g.
     ``epoch 1: 1437 examples -> 1437 rows in 45 batches; per class: 0: 143, 1: 146, ...``."""
@@ -90,20 +117,7 @@ def main(argv: list[str]) -> int:
     if num_images < 1:
         raise ConfigError(f"--num_images must be >= 1, got {num_images}")
     data = splits.load_run_data(config.data)
-    train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
-    counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)
-    images, labels = first_images(train, epoch, num_images)
-    norm = pipeline.normalization(config.data)
-    if norm is not None:  # show the pixels, not the model's normalized input
-        images = images * norm[1] + norm[0]
-    count_text = ", ".join(f"{name}: {c}" for name, c in zip(data.class_names, counts))
-    repeats = ",".join(map(str, config.data.class_repeats)) or "1 each"
-    title = (
-        f"{os.path.basename(args.config_path)} seed {config.seed}, epoch {epoch + 1}: "
-        f"{len(data.train)} examples x class repeats ({repeats}) = {train.epoch_size} rows, "
-        f"{train.steps_per_epoch} batches of {config.train.batch_size}\nper class: {count_text}"
-    )
-    save_grid(images, labels, data.class_names, title, out)
+    images, counts, train = write_grid(data, config, epoch, num_images, os.path.basename(args.config_path), out)
     print(f"wrote {out} ({len(images)} images)")
     print(counts_line(epoch + 1, len(data.train), train.epoch_size, train.steps_per_epoch,
                       dict(zip(data.class_names, counts.tolist()))))

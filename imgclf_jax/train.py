@@ -2,8 +2,10 @@
 
 Writes into the workdir (default ``runs/NAME``): config.json, history.json
 (after every epoch), summary.json, accuracy.png, loss.png,
-confusion_matrix.{json,png}, submission.csv (when the data has a test split)
-and checkpoints/ (latest state for resuming, result params for predicting).
+confusion_matrix.{json,png}, submission.csv (when the data has a test split),
+metrics.csv (Keras CSVLogger's layout), preview.png, tensorboard/ (event files:
+``tensorboard --logdir runs``; :mod:`imgclf_jax.tracking`) and checkpoints/
+(latest state for resuming, result params for predicting).
 Rerunning the same command resumes an unfinished run.
 
 With ``--config.ensemble.num_members=K`` (K > 1) it trains K members (seeds

@@ -39,7 +39,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 # What a run writes into its workdir; --overwrite removes these and nothing else.
 RUN_FILES = ("config.json", "history.json", "summary.json", "accuracy.png", "loss.png",
-             "confusion_matrix.json", "confusion_matrix.png", "submission.csv", "checkpoints")
+             "confusion_matrix.json", "confusion_matrix.png", "submission.csv", "metrics.csv", "preview.png",
+             "tensorboard", "checkpoints")
 RUN_FILE_PATTERN = re.compile(r"submission_member_\d+\.csv")  # an ensemble's per-member submissions
 
 

@@ -187,7 +187,8 @@ def test_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
     b = json.loads((tmp_path / "split" / "history.json").read_text())
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
-        x.pop("seconds"), y.pop("seconds")
+        for timing in ("seconds", "train_images_per_s"):
+            x.pop(timing), y.pop(timing)
         assert x == y
     assert straight["result_val_accuracy"] == resumed["result_val_accuracy"]
 
@@ -229,7 +230,7 @@ def test_train_cli_end_to_end_writes_every_output(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     for h in history:
         assert set(h) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-                          "learning_rate", "seconds"}
+                          "learning_rate", "train_images_per_s", "seconds"}
         assert 0 <= h["val_accuracy"] <= 1 and h["learning_rate"] == pytest.approx(1e-3)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["num_params"] == 545_098 and summary["epochs_run"] == 2

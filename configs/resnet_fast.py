@@ -9,8 +9,10 @@ pixels normalized per channel; a ResNet-9-style net (strided 3x3 stem to 50x50, 
 weight decay on a one-cycle schedule; label smoothing 0.1; random crops (reflect padding) and flips; flip
 test-time augmentation.
 
-Status: candidate (issue 15), frozen at 24 epochs after the search on seed 2 (the tuning seed);
-seeds 0 and 1 not yet run. Measured (2026-12-02, 2-core AMD EPYC, matmul probe 129-177 GFLOP/s that
+Status: candidate (issue 15), frozen at 24 epochs after the search on seed 2 (the tuning seed).
+Fresh runs of seeds 0 and 1 (2026-12-02 afternoon, matmul probe 320-371 GFLOP/s): 90.16% and 91.20%
+best validation accuracy (mean 90.68%, short of the 91.0% target), 28.8 and 29.0 min each; the search
+goes on (benchmarks/recipe_search.md). Measured (2026-12-02, 2-core AMD EPYC, matmul probe 129-177 GFLOP/s that
 morning, one niced test run now and then beside it): seed 2, 91.84% best validation accuracy at epoch
 23 (91.76% at epoch 24), 48.0 min whole process (`time`, data already prepared), 0.122 PFLOP of
 training compute (3 x 0.135 GFLOP x 300,000 images). At 16 epochs the same net reached 89.44%

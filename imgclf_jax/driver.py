@@ -16,6 +16,8 @@ and their index).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import json
 import os
@@ -84,20 +86,6 @@ class InterruptGuard:
     def __exit__(self, *exc):
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
-        return False
-
-
-class _closing:
-    """``with _closing(log):`` closes the TensorBoard log's writers on every exit."""
-
-    def __init__(self, log: tracking.RunLog):
-        self.log = log
-
-    def __enter__(self):
-        return self.log
-
-    def __exit__(self, *exc):
-        self.log.close()
         return False
 
 
@@ -183,7 +171,7 @@ def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_ep
         if log_every and global_step % log_every == 0:
             losses = tracking.window_losses(progress.totals, progress.step_base)
             progress.step_points.append([global_step, losses])
-            progress.step_base = json.loads(json.dumps(progress.totals))  # a copy
+            progress.step_base = copy.deepcopy(progress.totals)
             if log is not None:
                 log.step_loss(global_step, losses)
         bar.set_postfix(**postfix)
@@ -260,7 +248,7 @@ def train(job: Job) -> dict:
             checkpoints.save_latest(job.checkpoint_position(state, progress), state, job.best_params(),
                                     dataclasses.asdict(progress))
 
-        with _closing(log):
+        with contextlib.closing(log):  # the TensorBoard writers, on every exit
             with InterruptGuard() as guard:
                 while progress.epoch < num_epochs and not job.stopped():
                     epoch = progress.epoch

@@ -25,7 +25,7 @@ from imgclf_jax import disk
 from imgclf_jax.errors import ConfigError
 
 
-def _write_atomically(path: str, write, newline=None) -> None:
+def write_atomically(path: str, write, newline=None) -> None:
     """Calls `write(file)` on ``<path>.tmp``, then renames it to `path`; removes the .tmp if anything fails.
 
     Raises:
@@ -47,9 +47,9 @@ def _write_atomically(path: str, write, newline=None) -> None:
 
 
 def write_json(path: str, value) -> None:
-    """Writes `value` as indented JSON, atomically (see :func:`_write_atomically`)."""
+    """Writes `value` as indented JSON, atomically (see :func:`write_atomically`)."""
     text = json.dumps(value, indent=2) + "\n"
-    _write_atomically(path, lambda f: f.write(text))
+    write_atomically(path, lambda f: f.write(text))
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -271,4 +271,4 @@ def write_labels(path: str, image_ids: list[str], labels: list[str]) -> None:
         writer.writerow(["image_id", "label"])
         writer.writerows(zip(image_ids, labels))
 
-    _write_atomically(path, write, newline="")
+    write_atomically(path, write, newline="")

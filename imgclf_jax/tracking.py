@@ -87,7 +87,7 @@ def write_metrics_csv(path: str, history: list[dict]) -> None:
         for epoch, row in enumerate(rows):
             writer.writerow([epoch, *("" if row.get(c) is None else row[c] for c in columns)])
 
-    report._write_atomically(path, write, newline="")
+    report.write_atomically(path, write, newline="")
 
 
 def epoch_scalars(entry: dict) -> dict[str, dict[str, float]]:

@@ -27,9 +27,17 @@ writes the run's vote (``ensemble.vote``: majority, ties by summed
 probabilities, or soft), as its own submission.csv does; ``--members`` also
 writes each member's predictions to ``<out stem>_member_<i>.csv``.
 
+``--probabilities`` adds one column per class after the label, headed by the class
+names (``image_id,label,<class 0>,...``): the softmax of the run's logits (with its
+evaluation transform, e.g. the mean over flip TTA views, as validation computes them),
+for an ensemble the mean of its members' (also with ``--members``: each member's own).
+Such files are for blending models yourself; ``python -m imgclf_jax.vote --soft``
+averages them. (Kaggle expects ``image_id,label`` only: submit a file written without
+the flag.)
+
 predict reads the run's config from the workdir (its config.json): it takes no
 ``--config``. Flags: ``--workdir``, ``--images``, ``--out`` (required),
-``--image_dir``, ``--batch_size``, ``--members``.
+``--image_dir``, ``--batch_size``, ``--members``, ``--probabilities``.
 
 Images are read exactly as training's evaluation reads them (Pillow to 8-bit
 RGB, resize to ``data.image_size`` with ``data.resize_method``, scale to
@@ -349,7 +357,8 @@ def main(argv: list[str]) -> int:
     if any(w == "--config" or w.startswith(("--config=", "--config.")) for w in argv):
         raise ConfigError("predict takes no --config: it reads the run's config from --workdir (its "
                           "config.json); --config is for train, preview and summary")
-    flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int, "members": bool}
+    flags = {"workdir": str, "images": str, "image_dir": str, "out": str, "batch_size": int, "members": bool,
+             "probabilities": bool}
     values, _ = cli.parse_flags(argv, flags, config_overrides=False)
     for name in ("workdir", "images", "out"):
         if values[name] is None:
@@ -368,6 +377,10 @@ def main(argv: list[str]) -> int:
     if values["members"] and num_members == 1:
         raise ConfigError(f"--members needs an ensemble run; '{values['workdir']}' is a single model "
                           "(ensemble.num_members = 1)")
+    if values["probabilities"] and {"image_id", "label"} & set(class_names):
+        clash = sorted({"image_id", "label"} & set(class_names))[0]
+        raise ConfigError(f"--probabilities: the run has a class named '{clash}', which is also a column of "
+                          "the output; the probability columns are headed by the class names")
     truth = label_indices(images, class_names) if images.labels is not None else None
     outputs = [values["out"]] + (confusion_paths(values["out"]) if truth is not None else [])
     outputs += [member_path(values["out"], i) for i in range(num_members)] if values["members"] else []
@@ -375,12 +388,16 @@ def main(argv: list[str]) -> int:
     probabilities, labels = predict(values["workdir"], ids, paths, values["batch_size"])
     from imgclf_jax.report import write_submission
 
-    write_submission(values["out"], ids, labels, class_names)  # class names, as training's submission.csv
+    if values["probabilities"]:  # the mean of the members' for an ensemble
+        mean = probabilities if num_members == 1 else probabilities.mean(0)
+    write_submission(values["out"], ids, labels, class_names,  # class names, as training's submission.csv
+                     probabilities=mean if values["probabilities"] else None)
     print(f"wrote {values['out']} ({len(ids)} predictions)")
     members = probabilities.argmax(-1) if num_members > 1 else None  # int64[K, N]
     if values["members"]:
         for i, member_labels in enumerate(members):
-            write_submission(member_path(values["out"], i), ids, member_labels, class_names)
+            write_submission(member_path(values["out"], i), ids, member_labels, class_names,
+                             probabilities=probabilities[i] if values["probabilities"] else None)
         print(f"wrote {member_path(values['out'], 0)} .. {member_path(values['out'], num_members - 1)} "
               f"({num_members} members)")
     if truth is not None:

@@ -232,7 +232,8 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
     plt.close(fig)
 
 
-def write_submission(path: str, image_ids: list[str], predictions, class_names: list[str]) -> None:
+def write_submission(path: str, image_ids: list[str], predictions, class_names: list[str],
+                     probabilities=None) -> None:
     """Writes ``image_id,label`` rows: ids without extension, each label the predicted class's name.
 
     Args:
@@ -241,9 +242,12 @@ def write_submission(path: str, image_ids: list[str], predictions, class_names: 
       predictions: N class indices (``int[N]``, 0..K-1).
       class_names: the K class names (the competition's are '0'..'4', so its labels stay integers;
         class folders' are their sorted folder names).
+      probabilities: optional ``float[N, K]``; when given, K more columns headed by the class
+        names (``image_id,label,<class 0>,...``) hold each row's class probabilities (see
+        :func:`write_labels`).
 
     Raises:
-      ConfigError: `path` is a folder.
+      ConfigError: `path` is a folder, or (with `probabilities`) a class is named 'image_id' or 'label'.
       ValueError: a prediction outside 0..K-1 (a bug, not a user error).
       DiskFullError: no space left (no partial file is left).
     """
@@ -252,23 +256,47 @@ def write_submission(path: str, image_ids: list[str], predictions, class_names: 
         raise ValueError(f"{len(predictions)} predictions for {len(image_ids)} image ids")
     if len(predictions) and (predictions.min() < 0 or predictions.max() >= len(class_names)):
         raise ValueError(f"predictions outside 0..{len(class_names) - 1}: {predictions.min()}..{predictions.max()}")
-    write_labels(path, image_ids, [class_names[label] for label in predictions])
+    write_labels(path, image_ids, [class_names[label] for label in predictions],
+                 probabilities=probabilities, class_names=class_names if probabilities is not None else None)
 
 
-def write_labels(path: str, image_ids: list[str], labels: list[str]) -> None:
+def write_labels(path: str, image_ids: list[str], labels: list[str], probabilities=None,
+                 class_names: list[str] | None = None) -> None:
     """Writes ``image_id,label`` rows with text labels (class names), atomically; creates the parent folder.
 
+    With ``probabilities`` (``float[N, K]``) and the K ``class_names``, the header is
+    ``image_id,label,<class 0>,...,<class K-1>`` and each row carries its K probabilities
+    after the label, written with 7 significant digits (float32 holds about 7), so a
+    row sums to 1 within about 1e-6 * K. :func:`imgclf_jax.vote.read_probabilities` reads
+    such files back.
+
     Raises:
-      ConfigError: `path` is a folder.
+      ConfigError: `path` is a folder, or a class is named 'image_id' or 'label' (its column
+        would be read as the id or label column).
       DiskFullError: no space left (no partial file is left).
     """
     if os.path.isdir(path):
         raise ConfigError(f"output '{path}' is a folder; give a file name such as {path}/submission.csv")
+    header = ["image_id", "label"]
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, np.float64)
+        if probabilities.shape != (len(image_ids), len(class_names)):
+            raise ValueError(f"probabilities of shape {probabilities.shape} for {len(image_ids)} ids and "
+                             f"{len(class_names)} classes")
+        clash = [name for name in class_names if name in header]
+        if clash:
+            raise ConfigError(f"a class is named '{clash[0]}', which is also a column of '{path}': "
+                              "probability columns are headed by the class names; rename that class folder")
+        header += list(class_names)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
     def write(f) -> None:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["image_id", "label"])
-        writer.writerows(zip(image_ids, labels))
+        writer.writerow(header)
+        if probabilities is None:
+            writer.writerows(zip(image_ids, labels))
+        else:
+            writer.writerows([image_id, label, *(format(p, ".7g") for p in row)]
+                             for image_id, label, row in zip(image_ids, labels, probabilities))
 
     write_atomically(path, write, newline="")

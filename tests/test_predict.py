@@ -43,6 +43,11 @@ def run_predict(*args):
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def run_vote(*args):
+    return subprocess.run([sys.executable, "-m", "imgclf_jax.vote", *map(str, args)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_training_writes_a_submission_in_test_csv_order(trained_run):
     _, workdir, test_ids = trained_run
     rows = read_csv_rows(workdir / "submission.csv")
@@ -296,10 +301,38 @@ def test_members_writes_each_members_predictions(digits_run, tmp_path):
     plain = tmp_path / "plain.csv"
     assert run_predict("--workdir", single, "--images", tree, "--out", plain).returncode == 0
     assert dict(map(tuple, read_csv_rows(plain)[1:])) == m0
+    # A single run's --probabilities: the labels unchanged, each row its softmax, the label its argmax.
+    assert run_predict("--workdir", single, "--images", tree, "--out", plain, "--probabilities").returncode == 0
+    rows = read_csv_rows(plain)
+    assert rows[0] == ["image_id", "label", *map(str, range(10))]
+    assert {r[0]: r[1] for r in rows[1:]} == m0
+    table = np.array([[float(p) for p in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(table.sum(1), 1.0, atol=1e-5)
+    assert [str(k) for k in table.argmax(1)] == [r[1] for r in rows[1:]]
     assert any(m0[i] != m1[i] for i in truth)  # two different models
     assert all(vote[i] == m0[i] for i in truth if m0[i] == m1[i])  # where they agree, so does the vote
     accs = [sum(m[i] == truth[i] for i in truth) / len(truth) for m in (m0, m1)]
     assert f"member accuracies: {accs[0]:.4f}, {accs[1]:.4f}" in done.stdout
+    # --probabilities: each member file carries its softmax, the vote file the members' mean;
+    # a soft vote of the member files is the argmax of that mean.
+    done = run_predict("--workdir", ensemble, "--images", tree, "--out", out, "--members", "--probabilities")
+    assert done.returncode == 0, done.stderr[-3000:]
+    names = [str(d) for d in range(10)]
+    tables = []
+    for path in (out, tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv"):
+        rows = read_csv_rows(path)
+        assert rows[0] == ["image_id", "label", *names] and [r[0] for r in rows[1:]] == sorted(truth)
+        tables.append(np.array([[float(p) for p in r[2:]] for r in rows[1:]]))
+        np.testing.assert_allclose(tables[-1].sum(1), 1.0, atol=1e-5)
+    assert [r[1] for r in read_csv_rows(out)[1:]] == [vote[i] for i in sorted(truth)]  # labels: the same vote
+    for table, member in zip(tables[1:], (m0, m1)):  # each member's label is its own argmax
+        assert [names[k] for k in table.argmax(1)] == [member[i] for i in sorted(truth)]
+    np.testing.assert_allclose(tables[0], (tables[1] + tables[2]) / 2, atol=1e-6)
+    soft = tmp_path / "soft.csv"
+    done = run_vote(tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv", "--soft",
+                    "--out", soft)
+    assert done.returncode == 0, done.stderr
+    assert [r[1] for r in read_csv_rows(soft)[1:]] == [names[k] for k in tables[0].argmax(1)]
     # Without --members only the vote's file.
     done = run_predict("--workdir", ensemble, "--images", tree, "--out", tmp_path / "only" / "v.csv")
     assert done.returncode == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == [

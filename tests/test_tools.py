@@ -146,3 +146,46 @@ def test_results_given_a_summary_file_names_the_workdir(tmp_path):
     assert f"'{run / 'summary.json'}' is a file; give the run's workdir (the folder holding summary.json, " \
            f"here '{run}')" in done.stderr
     assert "not found" not in done.stderr
+
+
+def test_soft_vote_averages_probability_columns_matched_by_name(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_text("image_id,label,cat,dog\nx,cat,0.6,0.4\ny,dog,0.3,0.7\nz,cat,0.5,0.5\n")
+    b = tmp_path / "b.csv"  # columns in the other order, rows too
+    b.write_text("image_id,label,dog,cat\nz,cat,0.5,0.5\nx,dog,0.8,0.2\ny,dog,0.9,0.1\n")
+    out = tmp_path / "m.csv"
+    done = run(a, b, "--soft", "--probabilities", "--out", out)
+    assert done.returncode == 0, done.stderr
+    # x: cat (0.6+0.2)/2 = 0.4, dog 0.6 -> dog; y: cat 0.2, dog 0.8; z: a tie 0.5/0.5 -> the first column, cat
+    assert out.read_text() == "image_id,label,cat,dog\nx,dog,0.4,0.6\ny,dog,0.2,0.8\nz,cat,0.5,0.5\n"
+    assert run(a, b, "--soft", "--out", out).returncode == 0
+    assert out.read_text() == "image_id,label\nx,dog\ny,dog\nz,cat\n"
+    # The majority vote reads the same files by their labels only: x is a tie -> a's cat.
+    assert run(a, b, "--out", out).returncode == 0
+    assert out.read_text() == "image_id,label\nx,cat\ny,dog\nz,cat\n"
+
+
+def test_soft_vote_errors_name_file_line_and_column(tmp_path):
+    a = tmp_path / "a.csv"
+    a.write_text("image_id,label,cat,dog\nx,cat,0.6,0.4\ny,dog,0.3,0.7\n")
+
+    def fails(text, *flags):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(text)
+        done = run(a, bad, "--soft", *flags, "--out", tmp_path / "m.csv")
+        assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert not (tmp_path / "m.csv").exists()
+        return done.stderr
+
+    assert "bad.csv' has no probability columns" in fails("image_id,label\nx,cat\ny,dog\n")
+    assert "bad.csv' line 3, column 'dog': 'high' is not a probability" in fails(
+        "image_id,label,cat,dog\nx,cat,0.5,0.5\ny,dog,0.3,high\n")
+    assert "line 2, column 'cat': 'nan' is not a probability" in fails("image_id,cat,dog\nx,nan,0.5\ny,0.3,0.7\n")
+    assert "line 2, column 'dog': an empty cell is not a probability" in fails("image_id,cat,dog\nx,1\ny,0.3,0.7\n")
+    assert "line 3: the probabilities sum to 1.5, not 1" in fails("image_id,cat,dog\nx,0.5,0.5\ny,0.7,0.8\n")
+    assert "line 2, column 'cat': '-0.1' is not a probability" in fails("image_id,cat,dog\nx,-0.1,1.1\ny,0.3,0.7\n")
+    assert "other class columns than" in fails("image_id,cat,cow\nx,0.5,0.5\ny,0.3,0.7\n")
+    assert "has other ids than" in fails("image_id,cat,dog\nx,0.5,0.5\nw,0.3,0.7\n")
+    assert "column 'cat' appears twice" in fails("image_id,cat,cat\nx,0.5,0.5\ny,0.3,0.7\n")
+    done = run(a, a, "--probabilities", "--out", tmp_path / "m.csv")
+    assert done.returncode == 2 and "give --soft too" in done.stderr

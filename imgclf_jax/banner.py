@@ -89,7 +89,9 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
     shown = [f"{name} {int(n):,}" for name, n in zip(data.class_names, counts)]
     if len(shown) > MAX_CLASSES_SHOWN:
         shown = shown[:MAX_CLASSES_SHOWN] + [f"... ({len(shown) - MAX_CLASSES_SHOWN} more)"]
-    k = config.ensemble.num_members
+    from imgclf_jax.ensemble import population
+
+    k = population.population_size(config)
     members = f" per member, {k} members" if k > 1 else ""
     per_device = config.train.batch_size // max(len(devices), 1)
     device_text = ", ".join(str(x) for x in devices[:4]) + (f", ... ({len(devices)})" if len(devices) > 4 else "")

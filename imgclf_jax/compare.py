@@ -18,7 +18,8 @@ embedded as PNG data URIs), which any browser opens from disk:
   wall time (the sum of the epochs' seconds) and training images/s (steady state;
   for an ensemble member-images/s). An ensemble gives one row per member (its seed)
   and one per vote rule (best: the best per-epoch vote, result: the result weights'
-  vote);
+  vote); a population's members (``ensemble.sweep``) show their swept values in those
+  keys' columns (its votes ``-`` there);
 - every run's confusion matrix (the validation split, with its result weights; an
   ensemble's is its ``ensemble.vote`` rule's), side by side.
 
@@ -36,7 +37,10 @@ import io
 import json
 import os
 
+import ml_collections
+
 from imgclf_jax import cli, report
+from imgclf_jax.ensemble import population
 from imgclf_jax.errors import ConfigError
 
 
@@ -182,19 +186,23 @@ def _rows(run: Run) -> list[Row]:
         speed = history[-1].get("train_images_per_s") if history else None
         return [Row(f"{run.label} (running)", run.config, best, best_epoch, None, epochs, wall, speed)]
     k = len(history[0]["val_accuracy"])
-    seed = run.config.get("seed", 0)
+    seed, per_seed = run.config.get("seed", 0), run.config.get("ensemble.num_members", k)
+    sweep = population.parse_sweep(run.config.get("ensemble.sweep", "") or "")
+    values = [m.values for m in population.members(ml_collections.ConfigDict(
+        {"seed": seed, "ensemble": {"num_members": per_seed, "sweep": run.config.get("ensemble.sweep", "")}}))]
     rows = []
     for i in range(k):
-        config = dict(run.config)
+        config = dict(run.config, **(values[i] if sweep and len(values) == k else {}))
         if summary is not None:
             member = summary["members"][i]
+            config.update(member.get("values", {}))  # a population member's swept values
             config["seed"] = member["seed"]
             best_epoch = member["best_epoch"]
             best = history[best_epoch - 1]["val_accuracy"][i] if best_epoch else None
             result, trained = member["result_val_accuracy"], member["epochs_trained"]
             speed = summary.get("member_images_per_s")
         else:
-            config["seed"] = seed + i
+            config["seed"] = seed + i % per_seed
             best, best_epoch = _best(history, "val_accuracy", i)
             result, trained = None, sum(1 for h in history if h.get("trained", [True] * k)[i])
             speed = history[-1].get("train_images_per_s")
@@ -202,6 +210,7 @@ def _rows(run: Run) -> list[Row]:
         rows.append(Row(f"{run.label} member {i}" + ("" if summary else " (running)"), config, best, best_epoch,
                         result, trained, wall, speed, kind="member"))
     voters = dict(run.config, seed=[row.config["seed"] for row in rows])  # a vote has every member's seed
+    voters.update({key: None for key, _ in sweep})  # and every member's values: shown '-'
     for rule in ("majority", "soft"):
         best, best_epoch = _best(history, f"{rule}_val_accuracy")
         result = summary["vote"][rule]["val_accuracy"] if summary is not None else None

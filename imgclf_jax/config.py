@@ -125,6 +125,9 @@ def base_config() -> ml_collections.ConfigDict:
     # 'map' (lax.map) or 'auto' (unroll on CPU, vmap elsewhere; see imgclf_jax.ensemble.mapping).
     c.ensemble.mapping = "auto"
     c.ensemble.vote = "majority"  # rule for submission.csv and the confusion matrix: 'majority' or 'soft'
+    # A hyperparameter population: 'KEY=V1,V2;KEY2=...' trains one member per combination (their
+    # product) x num_members seeds, in one compiled step (imgclf_jax.ensemble.population); '' = off.
+    c.ensemble.sweep = ""
     return c
 
 
@@ -642,6 +645,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     mapping.MAPPINGS.get(e.mapping)  # ConfigError listing the valid names
     voting.VOTES.get(e.vote)
+    from imgclf_jax.ensemble import population
+
+    population.check_sweep(config)
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:

@@ -31,6 +31,7 @@ import jax
 from imgclf_jax import banner, preview, report, tracking
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import progress as progress_lib
+from imgclf_jax.ensemble import population
 from imgclf_jax.errors import CheckpointError, ConfigError, Interrupted
 from imgclf_jax.job import Job
 
@@ -240,7 +241,7 @@ def train(job: Job) -> dict:
         preview_png = os.path.join(workdir, "preview.png")
         if not os.path.isfile(preview_png):  # the first images of epoch 1 (member 0's stream in an ensemble)
             preview.write_grid(data, config, 0, min(32, len(data.train)), os.path.basename(workdir), preview_png)
-        log = tracking.RunLog(workdir, config.ensemble.num_members)
+        log = tracking.RunLog(workdir, population.population_size(config))
         log.start(config.to_dict(), progress.history, progress.step_points, preview_png)
 
         def save() -> None:

@@ -16,6 +16,7 @@ import ml_collections
 
 from imgclf_jax import driver, memory, parallel, report, steps, workdir_lock
 from imgclf_jax.data import pipeline, splits
+from imgclf_jax.ensemble import population
 from imgclf_jax.ensemble.job import EnsembleJob
 from imgclf_jax.job import RunParts
 from imgclf_jax.models import create_model, layer_specs
@@ -47,7 +48,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     mesh = parallel.make_mesh(config.train.batch_size)
     member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                   config.train.batch_size // mesh.size, config.train.ema_decay)
-    figures = memory.check_fits(member, config.ensemble.num_members, bool(config.train.early_stopping.monitor),
+    figures = memory.check_fits(member, population.population_size(config), bool(config.train.early_stopping.monitor),
                                 list(mesh.devices.flat), config.data.image_size)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return RunParts(data=data, model=model, tx=tx, schedule=schedule, mesh=mesh, memory=figures,
@@ -76,5 +77,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
     check_workdir_place(workdir, config)
     with workdir_lock.WorkdirLock(workdir):
         parts = prepare_run(config, workdir, overwrite)
-        job_type = EnsembleJob if config.ensemble.num_members > 1 else PlainJob
+        job_type = EnsembleJob if population.population_size(config) > 1 else PlainJob
         return driver.train(job_type(config, workdir, parts))

@@ -124,6 +124,13 @@ def kernel_mask(params: optax.Params) -> Any:
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
+def is_zero(value: Any) -> bool:
+    """Whether `value` is the Python number 0 (a step it switches on can be left out); False for any
+    array, traced or not (a population member's value: the step stays, so every member has the same
+    program and optimizer-state tree)."""
+    return isinstance(value, (int, float)) and value == 0
+
+
 def sgdw(learning_rate: ScalarOrSchedule, momentum: float = 0.9, nesterov: bool = False,
          weight_decay: float = 0.0) -> optax.GradientTransformation:
     r"""SGD with momentum (optionally Nesterov) and decoupled weight decay on the kernels.
@@ -146,13 +153,15 @@ def sgdw(learning_rate: ScalarOrSchedule, momentum: float = 0.9, nesterov: bool 
       learning_rate: a float, or a schedule of the updates so far.
       momentum: mu in [0, 1).
       nesterov: Nesterov momentum.
-      weight_decay: wd >= 0 (per unit learning rate).
+      weight_decay: wd >= 0 (per unit learning rate); a Python number, or a scalar array (a
+        population member's value, :mod:`imgclf_jax.ensemble.population`), for which the decay step
+        is always built (adding ``0 * param`` when wd is 0, which changes nothing).
 
     Returns:
       An ``optax.GradientTransformation`` (updates to add to the params).
     """
     parts = [optax.trace(decay=momentum, nesterov=nesterov)]
-    if weight_decay:
+    if not is_zero(weight_decay):  # an array (a population's per-member value) keeps the step even at 0
         parts.append(optax.add_decayed_weights(weight_decay, mask=kernel_mask))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
@@ -441,7 +450,9 @@ def create_optimizer(optimizer_config: Any, *, steps_per_epoch: int,
     entry = OPTIMIZERS[o.name]
     schedule_entry = SCHEDULES[o.schedule]
     schedule = schedule_entry.create(o, steps_per_epoch, num_epochs)
-    lr: ScalarOrSchedule = float(o.learning_rate) if schedule_entry.constant else schedule
+    lr: ScalarOrSchedule = schedule
+    if schedule_entry.constant:  # a Python float as before; a member's array value as it is
+        lr = float(o.learning_rate) if isinstance(o.learning_rate, (int, float)) else o.learning_rate
     return entry.create(o, lr), schedule
 
 

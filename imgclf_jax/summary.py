@@ -161,7 +161,9 @@ def main(argv: list[str]) -> int:
     tx = create_optimizer_for_shapes(config.optimizer, config.train.num_epochs)  # no data: state shapes only
     batch = config.train.batch_size
     member = memory.member_memory(model, tx, config.model.l2, size, batch, config.train.ema_decay)
-    k = config.ensemble.num_members
+    from imgclf_jax.ensemble import population
+
+    k = population.population_size(config)
     keeps_best = bool(config.train.early_stopping.monitor)
     need = memory.ensemble_need_bytes(member, k, keeps_best)
     mib = 2.0**20

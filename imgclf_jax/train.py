@@ -11,7 +11,10 @@ Rerunning the same command resumes an unfinished run.
 With ``--config.ensemble.num_members=K`` (K > 1) it trains K members (seeds
 seed..seed+K-1) in one job and also writes ``submission_member_<i>.csv``;
 history.json, summary.json and the curves then cover every member and the
-majority and soft votes (see README, "Ensembles").
+majority and soft votes (see README, "Ensembles"). With
+``--config.ensemble.sweep='optimizer.learning_rate=0.1,0.2;model.l2=0,1e-4'`` it trains a
+population: one member per combination (times num_members seeds) in one compiled step,
+ranked at the end by best validation accuracy (see README, "Populations").
 
 Data (config key data.builder; every key, with its default and meaning, is in
 imgclf_jax/config.py, base_config; set one with --config.KEY=VALUE):
@@ -71,7 +74,20 @@ def summary_lines(summary: dict, workdir: str, written: list[str]) -> list[str]:
     if summary.get("test_accuracy") is not None:  # a labelled test split (scored with the result weights)
         first += f"; test accuracy {summary['test_accuracy']:.4f} ({summary['num_test_examples']:,} images)"
     shown = ",".join(f"{name}/" if os.path.isdir(os.path.join(workdir, name)) else name for name in written)
-    return [first, f"wrote {os.path.join(workdir, '')}{{{shown}}} (figures: summary.json)"]
+    return [first, *ranking_lines(summary), f"wrote {os.path.join(workdir, '')}{{{shown}}} (figures: summary.json)"]
+
+
+def ranking_lines(summary: dict) -> list[str]:
+    """A population's members ranked by best validation accuracy, one line each with its values ([] otherwise)."""
+    sweep = summary.get("sweep")
+    if not sweep:
+        return []
+    lines = ["population ranking (best val_accuracy first):"]
+    for place, r in enumerate(sweep["ranking"], start=1):
+        values = ", ".join(f"{key}={r['values'][key]:g}" for key in sweep["keys"])
+        best = "-" if r["best_val_accuracy"] is None else f"{r['best_val_accuracy']:.4f} (epoch {r['best_epoch']})"
+        lines.append(f"  {place}. member {r['member']} (seed {r['seed']}; {values}): {best}")
+    return lines
 
 
 def main(argv: list[str]) -> int:

@@ -34,10 +34,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import memory, parallel, report, steps
+from imgclf_jax import memory, optim, parallel, report, steps
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
-from imgclf_jax.ensemble import steps as ens_steps
+from imgclf_jax.ensemble import population, steps as ens_steps
 from imgclf_jax.ensemble.mapping import resolve_mapping
 from imgclf_jax.ensemble.voting import VOTES, majority_vote, soft_vote, vote
 from imgclf_jax.errors import TrainingError
@@ -88,28 +88,39 @@ class EnsembleJob(Job):
     def __init__(self, config, workdir: str, parts: RunParts):
         self.config, self.workdir, self.parts = config, workdir, parts
         model, tx, mesh = parts.model, parts.tx, parts.mesh
-        self.k = k = config.ensemble.num_members
+        self.population = population.members(config)  # K members: seeds, and a sweep's values
+        self.k = k = len(self.population)
         self.rep = rep = parallel.replicated(mesh)
         es = config.train.early_stopping
         self.keeps_best = bool(es.monitor)
         self.mode = resolve_mapping(config.ensemble.mapping)
         self.shared = config.ensemble.shared_data
-        self.seeds = ens_steps.member_seeds(config.seed, k)
-        self.init_keys, dropout_keys = ens_steps.member_keys(config.seed, k)
+        self.seeds = [m.seed for m in self.population]
+        self.init_keys, dropout_keys = ens_steps.member_keys(config.seed, k, self.seeds)
         self.dropout_keys = jax.device_put(dropout_keys, rep)
         ema_decay = config.train.ema_decay
-        self.train_step = ens_steps.jit_train_step(model, tx, config.model.l2, mesh, self.mode, self.shared,
-                                                   loss_fn=parts.loss_fn, batch_transform=parts.batch_transform,
-                                                   ema_decay=ema_decay)
-        self.eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, self.mode, loss_fn=parts.loss_fn,
-                                                 eval_transform=parts.eval_transform)
         if self.shared:
             self.train = pipeline.train_pipeline(parts.data.train, config)
         else:
             self.train = pipeline.ensemble_train_pipeline(parts.data.train, config, self.seeds)
+        self.values = population.member_values(config)  # {key: float32[K]}; {} without a sweep
+        hooks = (population.member_hooks(config, parts.data.num_classes, self.train.steps_per_epoch)
+                 if self.values else None)
+        self.schedules = [parts.schedule] * k  # each member's learning rate per update (for the history)
+        if "optimizer.learning_rate" in self.values:
+            self.schedules = [optim.create_schedule(population.member_config(config, m).optimizer,
+                                                    steps_per_epoch=self.train.steps_per_epoch,
+                                                    num_epochs=config.train.num_epochs) for m in self.population]
+        self.train_step = ens_steps.jit_train_step(model, tx, config.model.l2, mesh, self.mode, self.shared,
+                                                   loss_fn=parts.loss_fn, batch_transform=parts.batch_transform,
+                                                   ema_decay=ema_decay, values=self.values, hooks=hooks)
+        self.eval_step = ens_steps.jit_eval_step(model, config.model.l2, mesh, self.mode, loss_fn=parts.loss_fn,
+                                                 eval_transform=parts.eval_transform, values=self.values,
+                                                 hooks=hooks)
         image_size = config.data.image_size
+        values = {key: jnp.asarray(v) for key, v in self.values.items()}
         self._make_state = jax.jit(lambda keys: ens_steps.create_ensemble_state(model, tx, keys, image_size,
-                                                                                ema_decay),
+                                                                                ema_decay, values, hooks),
                                    out_shardings=rep)
         self.stoppers = [EarlyStopping(es.monitor, es.patience) for _ in range(k)]
         self.nan_steps: list = [None] * k
@@ -117,6 +128,13 @@ class EnsembleJob(Job):
         self.trained = [True] * k
 
     def describe(self) -> str:
+        if self.values:
+            combos = self.k // self.config.ensemble.num_members
+            return (f"population: {self.k} members = {combos} combinations of "
+                    f"{', '.join(population.swept_keys(self.config))} x {self.config.ensemble.num_members} "
+                    f"seed(s) ({self.seeds[0]}..{max(self.seeds)}), mapping '{self.mode}', the values as "
+                    f"per-member arrays in one compiled step, about "
+                    f"{self.parts.memory['need_bytes'] / memory.GIB:.2f} GiB per device")
         return (f"ensemble: {self.k} members (seeds {self.seeds[0]}..{self.seeds[-1]}), mapping '{self.mode}', "
                 f"{'shared batches' if self.shared else 'own batches per member'}, about "
                 f"{self.parts.memory['need_bytes'] / memory.GIB:.2f} GiB per device")
@@ -198,7 +216,8 @@ class EnsembleJob(Job):
                                for i in range(k)],
             "val_loss": [_finite_or_none(v) for v in val.loss],
             "val_accuracy": [float(v) for v in val.accuracy],
-            "learning_rate": [float(f"{float(self.parts.schedule(int(s))):.7g}") for s in member_steps],
+            "learning_rate": [float(f"{float(schedule(int(s))):.7g}") for schedule, s in
+                              zip(self.schedules, member_steps)],
             "trained": trained,
             "majority_val_accuracy": float(np.mean(majority_vote(val.probabilities) == labels)),
             "soft_val_accuracy": float(np.mean(soft_vote(val.probabilities) == labels)),
@@ -218,7 +237,7 @@ class EnsembleJob(Job):
         stoppers, nan_steps, eval_step, mode = self.stoppers, self.nan_steps, self.eval_step, self.mode
         params = self._best if self.keeps_best else steps.eval_variables(state.members)
         num_params, mem_figures = self.num_params(state), self.parts.memory
-        k = config.ensemble.num_members
+        k = self.k
         history = progress.history
         checkpoints.save_result(params, {
             "class_names": data.class_names,
@@ -253,7 +272,8 @@ class EnsembleJob(Job):
         for i, stopper in enumerate(stoppers):
             best = history[stopper.best_epoch] if stopper.best_epoch >= 0 else None
             members.append({
-                "seed": config.seed + i,
+                "seed": self.seeds[i],
+                **({"values": self.population[i].values} if self.values else {}),
                 "epochs_trained": sum(1 for h in history if h["trained"][i]),
                 "stopped_early": stopper.stopped and nan_steps[i] is None,
                 "nan_step": nan_steps[i],  # the update whose loss or params were not finite; null if none
@@ -285,6 +305,8 @@ class EnsembleJob(Job):
             "num_train_examples": len(data.train),
             "num_val_examples": len(data.validation),
         }
+        if self.values:  # a population: its sweep and the members ranked by best validation accuracy
+            summary["sweep"] = {"keys": population.swept_keys(config), "ranking": ranking(members)}
         if test_accuracy is not None:  # a labelled test split: the vote's accuracy on it
             summary.update(test_accuracy=test_accuracy, num_test_examples=len(data.test))
         report.write_json(os.path.join(workdir, "summary.json"), summary)
@@ -294,6 +316,17 @@ class EnsembleJob(Job):
         if all(step is not None for step in self.nan_steps):
             raise TrainingError(f"every member's training loss became non-finite (at steps {self.nan_steps}); "
                                 f"their last good weights and the reports are in {self.workdir}")
+
+
+def ranking(members: list[dict]) -> list[dict]:
+    """A population's members by best validation accuracy, best first (ties: the lower index):
+    ``[{"member": i, "seed": ..., "values": {...}, "best_val_accuracy": ..., "best_epoch": ...}, ...]``;
+    a member without a best epoch (NaN from the start) comes last."""
+    order = sorted(range(len(members)), key=lambda i: (members[i]["best_val_accuracy"] is None,
+                                                       -(members[i]["best_val_accuracy"] or 0.0), i))
+    return [{"member": i, "seed": members[i]["seed"], "values": members[i]["values"],
+             "best_val_accuracy": members[i]["best_val_accuracy"], "best_epoch": members[i]["best_epoch"]}
+            for i in order]
 
 
 def _members_at(keeps_best: bool) -> str:

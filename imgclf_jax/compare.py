@@ -111,16 +111,6 @@ def find_runs(path: str) -> list[str]:
     return sorted(runs)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def labels_for(workdirs: list[str]) -> list[str]:
     """Short unique names: each workdir's path relative to the workdirs' common folder (its name for one)."""
     real = [os.path.abspath(w) for w in workdirs]
@@ -144,7 +134,9 @@ def load_run(workdir: str, label: str) -> Run:
         raise ConfigError(f"'{workdir}': config.json or history.json is not what a run writes; it is damaged")
     summary = _read_json(os.path.join(workdir, "summary.json"), required=False)
     confusion = _read_json(os.path.join(workdir, "confusion_matrix.json"), required=False)
-    return Run(workdir, label, _flat(config), history, summary, confusion)
+    from imgclf_jax.workdir import flat_config
+
+    return Run(workdir, label, flat_config(config), history, summary, confusion)
 
 
 def _nan(value):

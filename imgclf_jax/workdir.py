@@ -27,11 +27,12 @@ from imgclf_jax.models.base import COMMON_KEYS
 RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """A nested config dict as ``{dotted key: value}`` (tuples as lists, as config.json holds them)."""
     out = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
     return out
@@ -107,10 +108,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict, overwrite: bo
         raise ConfigError(f"--workdir '{workdir}' cannot be written: {e.strerror}") from None
     if old is None:
         return
-    old = _flat(old)
-    new = _flat(json.loads(json.dumps(config.to_dict())))
+    old = flat_config(old)
+    new = flat_config(json.loads(json.dumps(config.to_dict())))
     # A key added to the schema after the run started counts as its default there.
-    defaults = _flat(json.loads(json.dumps(config_lib.schema(config).to_dict())))  # of this config's model
+    defaults = flat_config(json.loads(json.dumps(config_lib.schema(config).to_dict())))  # of this config's model
     old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
     differing = sorted(k for k in set(old) | set(new)
                        if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)

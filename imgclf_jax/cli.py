@@ -44,6 +44,31 @@ class Args:
     extras: dict[str, Any]
 
 
+def paths_and_flags(argv: list[str], flags: dict[str, type]) -> tuple[list[str], dict[str, Any]]:
+    """Splits a tool's words into positional paths and :func:`parse_flags` values (no config overrides).
+
+    A word not starting with ``--`` is a path, unless it is the value of the non-bool flag before it
+    (``--out report.html``).
+
+    Raises:
+      ConfigError: as :func:`parse_flags` (an unknown flag, a missing value, a wrong type).
+    """
+    paths, flag_words, i = [], [], 0
+    while i < len(argv):
+        word = argv[i]
+        if not word.startswith("--"):
+            paths.append(word)
+        else:
+            flag_words.append(word)
+            name, eq, _ = word[2:].partition("=")
+            if not eq and flags.get(name, bool) is not bool and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                flag_words.append(argv[i + 1])
+                i += 1
+        i += 1
+    values, _ = parse_flags(flag_words, flags, config_overrides=False)
+    return paths, values
+
+
 def parse_flags(argv: list[str], flags: dict[str, type], config_overrides: bool = True
                 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """Parses ``--name value`` / ``--name=value`` words into typed values.

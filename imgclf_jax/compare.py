@@ -322,9 +322,8 @@ figcaption { font-size: 12px; color: #555; } img { max-width: 100%; }
 """
 
 
-def page(runs: list[Run]) -> str:
-    """The whole HTML page of :func:`main` (a str)."""
-    rows = [row for run in runs for row in rows_of(run)]
+def page(runs: list[Run], rows: list[Row]) -> str:
+    """The whole HTML page of :func:`main` (a str); `rows`: the runs' :func:`rows_of`, in order."""
     keys = differing_keys([row.config for row in rows])
     curves = curve_images(runs)
     figures = []
@@ -356,22 +355,8 @@ def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     from imgclf_jax import workdir as workdir_lib
 
-    paths, out, i = [], None, 0
-    while i < len(argv):
-        word = argv[i]
-        if word == "--out":
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError("flag --out needs a value")
-            out, i = argv[i + 1], i + 2
-            continue
-        if word.startswith("--out="):
-            out = word[len("--out="):]
-        elif word.startswith("-"):
-            raise ConfigError(f"unknown flag {word}; usage: python -m imgclf_jax.compare WORKDIR [...] --out "
-                              "report.html")
-        else:
-            paths.append(word)
-        i += 1
+    paths, values = cli.paths_and_flags(argv, {"out": str})
+    out = values["out"]
     if out is None or not paths:
         raise ConfigError("usage: python -m imgclf_jax.compare WORKDIR_OR_FOLDER_OF_RUNS [...] --out report.html")
     if os.path.isdir(out):
@@ -385,11 +370,11 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--out '{out}' would overwrite the run's own file {name} in '{workdir}'; give "
                               "another name (e.g. report.html)")
     runs = [load_run(w, label) for w, label in zip(workdirs, labels_for(workdirs))]
-    text = page(runs).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale writes it alike
+    rows = [row for run in runs for row in rows_of(run)]
+    text = page(runs, rows).encode("ascii", "xmlcharrefreplace").decode("ascii")  # any locale writes it alike
     os.makedirs(os.path.dirname(out_real), exist_ok=True)
     report.write_atomically(out, lambda f: f.write(text))
-    print(f"wrote {out}: {len(runs)} run(s), {sum(len(rows_of(r)) for r in runs)} rows, "
-          f"{len(text) / 1e6:.1f} MB")
+    print(f"wrote {out}: {len(runs)} run(s), {len(rows)} rows, {len(text) / 1e6:.1f} MB")
     return 0
 
 

@@ -159,32 +159,17 @@ def _check_same_ids(first_path: str, first_ids: set, path: str, ids: set) -> Non
 
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
-    files, out, i, flags = [], None, 0, {"--soft": False, "--probabilities": False}
     usage = "usage: A.csv B.csv [...] [--soft [--probabilities]] --out merged.csv"
-    while i < len(argv):
-        word = argv[i]
-        if word == "--out":
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError("flag --out needs a value")
-            out, i = argv[i + 1], i + 2
-            continue
-        if word.startswith("--out="):
-            out = word[len("--out="):]
-        elif word in flags:
-            flags[word] = True
-        elif word.startswith("-"):
-            raise ConfigError(f"unknown flag {word}; {usage}")
-        else:
-            files.append(word)
-        i += 1
+    files, values = cli.paths_and_flags(argv, {"out": str, "soft": bool, "probabilities": bool})
+    out = values["out"]
     if out is None or len(files) < 2:
         raise ConfigError(f"{usage} (at least two files)")
-    if flags["--probabilities"] and not flags["--soft"]:
+    if values["probabilities"] and not values["soft"]:
         raise ConfigError("--probabilities writes the soft vote's mean probabilities: give --soft too")
-    if flags["--soft"]:
+    if values["soft"]:
         ids, names, mean = soft_vote(files)
         labels = [names[k] for k in mean.argmax(-1)]
-        report.write_labels(out, ids, labels, probabilities=mean if flags["--probabilities"] else None,
+        report.write_labels(out, ids, labels, probabilities=mean if values["probabilities"] else None,
                             class_names=names)
         print(f"wrote {out}: {len(ids)} ids, soft vote of {len(files)} files ({len(names)} classes)")
         return 0

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import optax
 
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.registry import Checks, Registry, check_values
+from imgclf_jax.registry import Checks, Registry, check_values, is_zero
 
 DEFAULT = "softmax_cross_entropy"
 
@@ -81,11 +81,6 @@ class LossEntry:
 LOSSES = Registry("loss.name")
 
 
-def _is_zero(value) -> bool:
-    """The Python number 0 (off); an array, traced or not, counts as on (see :func:`imgclf_jax.optim.is_zero`)."""
-    return isinstance(value, (int, float)) and value == 0
-
-
 def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
                           label_smoothing: float = 0.0) -> jax.Array:
     """Mean softmax cross-entropy over the real rows of a padded batch.
@@ -108,7 +103,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,
     """
     mask = jnp.asarray(mask, bool)
     labels = jnp.where(mask, labels, 0)
-    if not _is_zero(label_smoothing):  # an array (a population member's value) keeps the smoothing
+    if not is_zero(label_smoothing):  # an array (a population member's value) keeps the smoothing
         targets = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
         return soft_softmax_cross_entropy(logits, targets, mask, label_smoothing)
     logits = jnp.where(mask[:, None], logits.astype(jnp.float32), 0.0)
@@ -133,7 +128,7 @@ def soft_softmax_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.
     """
     mask = jnp.asarray(mask, bool)
     targets = jnp.where(mask[:, None], targets.astype(jnp.float32), 0.0)
-    if not _is_zero(label_smoothing):  # an array (a population member's value) keeps the smoothing
+    if not is_zero(label_smoothing):  # an array (a population member's value) keeps the smoothing
         targets = optax.smooth_labels(targets, label_smoothing)
     logits = jnp.where(mask[:, None], logits.astype(jnp.float32), 0.0)
     losses = optax.softmax_cross_entropy(logits, targets)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.registry import Checks, Registry, check_values
+from imgclf_jax.registry import Checks, Registry, check_values, is_zero
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -122,13 +122,6 @@ def kernel_mask(params: optax.Params) -> Any:
     """The leaves weight decay applies to: True for ndim >= 2 (conv and dense kernels), False for
     biases and BatchNorm's scale and bias (ndim 1). Same tree as `params` (bools)."""
     return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
-
-
-def is_zero(value: Any) -> bool:
-    """Whether `value` is the Python number 0 (a step it switches on can be left out); False for any
-    array, traced or not (a population member's value: the step stays, so every member has the same
-    program and optimizer-state tree)."""
-    return isinstance(value, (int, float)) and value == 0
 
 
 def sgdw(learning_rate: ScalarOrSchedule, momentum: float = 0.9, nesterov: bool = False,

@@ -150,3 +150,9 @@ def describe(table: Registry) -> str:
     """'a, b, c': the table's names, for docs and help texts."""
     return ", ".join(table.names())
 
+
+def is_zero(value: Any) -> bool:
+    """Whether `value` is the Python number 0 (a step it switches on can be left out); False for any
+    array, traced or not (a population member's value: the step stays, so every member has the same
+    program and optimizer-state tree)."""
+    return isinstance(value, (int, float)) and value == 0

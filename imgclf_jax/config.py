@@ -647,7 +647,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     voting.VOTES.get(e.vote)
     from imgclf_jax.ensemble import population
 
-    population.check_sweep(config)
+    population.check_sweep(config, validate)
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:

@@ -123,8 +123,22 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
     return out
 
 
-def check_sweep(config: ml_collections.ConfigDict) -> None:
+def _is_leaf_key(config: ml_collections.ConfigDict, key: str) -> bool:
+    """Whether the dotted `key` ('optimizer.learning_rate') names a leaf (not a section) of `config`."""
+    node = config
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return False
+        node = node[part]
+    return not isinstance(node, ml_collections.ConfigDict)
+
+
+def check_sweep(config: ml_collections.ConfigDict,
+                validate: Callable[[ml_collections.ConfigDict], None]) -> None:
     """Checks ``ensemble.sweep``: syntax, sweepable keys that this config reads, every member's values.
+
+    `validate` checks one member's plain config (``imgclf_jax.config.validate``, passed in by it, so
+    this module does not import the config module that calls it).
 
     Raises:
       ConfigError: one line naming ``ensemble.sweep`` and the key or value at fault: not a key of
@@ -132,19 +146,16 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
         :data:`SWEEPABLE`), fewer than two combinations, or a member whose config fails validation
         (a value out of range, a key the chosen optimizer, loss or batch transform does not read).
     """
-    from imgclf_jax import config as config_lib
-
     sweep = parse_sweep(config.ensemble.get("sweep", ""))
     if not sweep:
         return
-    flat = set(config_lib.leaf_keys(config))
     for key, _ in sweep:
         if key not in SWEEPABLE:
-            known = "a key of this config" if key in flat else "not a key of this config"
+            known = "a key of this config" if _is_leaf_key(config, key) else "not a key of this config"
             raise ConfigError(f"ensemble.sweep: '{key}' ({known}) cannot be swept: a population shares one "
                               "compiled step, so only keys that change numbers, not shapes or the program, can "
                               f"differ between members; sweepable: {', '.join(SWEEPABLE)}")
-        if key not in flat:
+        if not _is_leaf_key(config, key):
             raise ConfigError(f"ensemble.sweep: '{key}' is not a key of this config")
     if math.prod(len(values) for _, values in sweep) < 2:
         raise ConfigError("ensemble.sweep gives one combination: set the key itself "
@@ -152,7 +163,7 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
     for member in members(config)[::config.ensemble.num_members]:  # each combination once
         shown = ", ".join(f"{k}={v:g}" for k, v in member.values.items())
         try:
-            config_lib.validate(member_config(config, member))
+            validate(member_config(config, member))
         except ConfigError as e:
             raise ConfigError(f"ensemble.sweep member ({shown}): {e}") from None
 

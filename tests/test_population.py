@@ -56,6 +56,10 @@ def test_parse_and_member_order():
     ("optimizer.learning_rate=0.1,0.1", "lists the value 0.1 twice"),
     ("model.l2=0,1;model.l2=2,3", "key 'model.l2' is given twice"),
     ("model.l2=0,nan", "is not finite"),
+    ("model.dense_dropouts=0.1,0.2", "'model.dense_dropouts' (a key of this config) cannot be swept"),
+    ("model.dense_dropouts[3]=0.1,0.2", "model.dense_dropouts has 1 element(s) in this config, indices 0..0"),
+    ("model.dense_dropouts[x]=0.1,0.2", "is not KEY or KEY[i]"),
+    ("model.conv_dropouts[0]=0,1", "member (model.conv_dropouts[0]=1)"),
 ])
 def test_bad_sweeps_are_one_line_errors_naming_the_part(sweep, message):
     c = config_lib.base_config()  # keras_adam: no weight decay; no batch transform: mixing.* unused
@@ -139,6 +143,53 @@ def test_population_step_equals_each_members_plain_step_and_compiles_once(mode):
     other = {key: v * 0.5 for key, v in values.items()}
     step(pop, batches[0], other)
     assert len(traces) == traced
+
+
+@pytest.mark.parametrize("fast_path", ["on", "off"])
+def test_swept_dropout_rates_equal_each_members_plain_step(fast_path):
+    """A population over two dropout rates (conv layer 0: 0 or 0.3; dense layer 0: 0.25 or 0.5): each member's
+    two steps equal the plain step of its config, where rate 0 means no layer at all; the rate is an argument."""
+    c = config_lib.base_config()
+    c.model.conv_filters, c.model.conv_kernel_sizes = (3,), (3,)
+    c.model.conv_paddings, c.model.conv_pools, c.model.conv_dropouts = ("valid",), (True,), (0.0,)
+    c.model.dense_units, c.model.dense_dropouts = (6,), (0.25,)
+    c.model.fast_path = fast_path
+    c.ensemble.sweep = "model.conv_dropouts[0]=0,0.3;model.dense_dropouts[0]=0.25,0.5"
+    config_lib.validate(c)
+    members = population.members(c)
+    assert [m.values for m in members][1] == {"model.conv_dropouts[0]": 0.0, "model.dense_dropouts[0]": 0.5}
+    k, spe = len(members), 4
+    model = create_model(c.model, 3)
+    hooks = population.member_hooks(c, 3, spe)
+    values = {key: jnp.asarray(v) for key, v in population.member_values(c).items()}
+    init_keys, dropout_keys = ens_steps.member_keys(0, k, [m.seed for m in members])
+    state = ens_steps.create_ensemble_state(model, None, init_keys, 8, values=values, hooks=hooks)
+    rng = np.random.default_rng(1)
+    batches = [{"image": rng.random((k, 8, 8, 8, 3), dtype=np.float32),
+                "label": rng.integers(0, 3, (k, 8)).astype(np.int32), "mask": np.ones((k, 8), bool)}
+               for _ in range(2)]
+    step = jax.jit(lambda state, batch, v: ens_steps.ensemble_train_step(
+        state, batch, dropout_keys, v, model=model, tx=None, l2=0.0, mode="vmap", shared_data=False, hooks=hooks))
+    pop = state
+    for batch in batches:
+        pop, metrics = step(pop, batch, values)
+    losses = []
+    for m, member in enumerate(members):
+        mc = population.member_config(c, member)
+        assert mc.model.conv_dropouts == (member.values["model.conv_dropouts[0]"],)
+        single_model = create_model(mc.model, 3)
+        tx, _ = optim.create_optimizer(mc.optimizer, steps_per_epoch=spe, num_epochs=mc.train.num_epochs)
+        single = steps.create_train_state(single_model, tx, init_keys[m], 8)
+        for batch in batches:
+            one = {key: v[m] for key, v in batch.items()}
+            single, single_metrics = steps.train_step(single, one, dropout_keys[m], model=single_model, tx=tx,
+                                                      l2=mc.model.l2)
+        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[m], pop.members.params)),
+                             jax.tree.leaves(single.params)):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(float(metrics["loss_sum"][m]), float(single_metrics["loss_sum"]), rtol=1e-4)
+        losses.append(float(metrics["loss_sum"][m]))
+    assert len(set(losses)) == k  # the rates change the members (same seed: only the rates differ)
 
 
 @pytest.fixture(scope="module")

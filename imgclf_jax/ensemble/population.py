@@ -41,8 +41,57 @@ SWEEPABLE = {
     "loss.label_smoothing": "label smoothing eps",
     "mixing.probability": "the chance a batch is mixed (train.batch_transform mixup/cutmix/mixup_cutmix)",
     "mixing.alpha": "MixUp/CutMix's Beta(alpha, alpha) parameter",
+    "model.conv_dropouts[i]": "the dropout rate after conv layer i (model 'branched_cnn'; i from 0)",
+    "model.dense_dropouts[i]": "the dropout rate after hidden dense layer i (model 'branched_cnn')",
 }
-"""Key -> what it is, for the keys ``ensemble.sweep`` accepts."""
+"""Key -> what it is, for the keys ``ensemble.sweep`` accepts. ``[i]`` keys name one element of a
+tuple key (``model.dense_dropouts[0]``); a swept dropout layer exists in every member, and at rate 0 it
+returns its input exactly (:class:`imgclf_jax.models.cnn.FastDropout`), as the plain run without it."""
+
+_MODEL_KEYS = ("model.conv_dropouts", "model.dense_dropouts")  # swept ones rebuild the member's model
+
+
+def split_index(key: str) -> tuple[str, int | None]:
+    """``'model.dense_dropouts[1]'`` -> ``('model.dense_dropouts', 1)``; ``'model.l2'`` -> ``('model.l2', None)``.
+
+    Raises:
+      ConfigError: a ``[...]`` that is not a non-negative integer index at the key's end.
+    """
+    if "[" not in key and "]" not in key:
+        return key, None
+    base, bracket, rest = key.partition("[")
+    if not bracket or not rest.endswith("]") or not rest[:-1].isdigit() or "[" in rest[:-1]:
+        raise ConfigError(f"ensemble.sweep: '{key}' is not KEY or KEY[i] (i an integer from 0, "
+                          "e.g. 'model.dense_dropouts[0]')")
+    return base, int(rest[:-1])
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def _sweepable(key: str) -> bool:
+    base, index = split_index(key)
+    return (base + "[i]" if index is not None else base) in SWEEPABLE
+
+
+def _set(tree: Any, key: str, value: Any, cast: bool) -> None:
+    """Sets `key` ('a.b' or 'a.b[i]') of a ConfigDict or nested dict to `value` (cast to the old type
+    when `cast`; a tuple element replaced in a new tuple)."""
+    base, index = split_index(key)
+    *path, name = base.split(".")
+    node = tree
+    for part in path:
+        node = node[part]
+    if index is None:
+        node[name] = type(node[name])(value) if cast else value
+    else:
+        old = list(node[name])
+        old[index] = type(old[index])(value) if cast else value
+        node[name] = tuple(old)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +161,7 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
     out = copy.deepcopy(config)
     with out.unlocked():
         for key, value in member.values.items():
-            node = out
-            *path, name = key.split(".")
-            for part in path:
-                node = node[part]
-            node[name] = type(node[name])(value)
+            _set(out, key, value, cast=True)
         out.seed = member.seed
         out.ensemble.num_members = 1
         out.ensemble.sweep = ""
@@ -124,13 +169,17 @@ def member_config(config: ml_collections.ConfigDict, member: Member) -> ml_colle
 
 
 def _is_leaf_key(config: ml_collections.ConfigDict, key: str) -> bool:
-    """Whether the dotted `key` ('optimizer.learning_rate') names a leaf (not a section) of `config`."""
+    """Whether the dotted `key` ('optimizer.learning_rate') names a leaf (not a section) of `config`,
+    or ('model.dense_dropouts[1]') an element of a tuple leaf that has that index."""
+    base, index = split_index(key)
     node = config
-    for part in key.split("."):
+    for part in base.split("."):
         if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             return False
         node = node[part]
-    return not isinstance(node, ml_collections.ConfigDict)
+    if index is None:
+        return not isinstance(node, ml_collections.ConfigDict)
+    return isinstance(node, (tuple, list)) and index < len(node)
 
 
 def check_sweep(config: ml_collections.ConfigDict,
@@ -150,12 +199,16 @@ def check_sweep(config: ml_collections.ConfigDict,
     if not sweep:
         return
     for key, _ in sweep:
-        if key not in SWEEPABLE:
+        if not _sweepable(key):
             known = "a key of this config" if _is_leaf_key(config, key) else "not a key of this config"
             raise ConfigError(f"ensemble.sweep: '{key}' ({known}) cannot be swept: a population shares one "
                               "compiled step, so only keys that change numbers, not shapes or the program, can "
                               f"differ between members; sweepable: {', '.join(SWEEPABLE)}")
         if not _is_leaf_key(config, key):
+            base, index = split_index(key)
+            if index is not None and _is_leaf_key(config, base):
+                raise ConfigError(f"ensemble.sweep: '{key}': {base} has {len(_get(config, base))} "
+                                  f"element(s) in this config, indices 0..{len(_get(config, base)) - 1}")
             raise ConfigError(f"ensemble.sweep: '{key}' is not a key of this config")
     if math.prod(len(values) for _, values in sweep) < 2:
         raise ConfigError("ensemble.sweep gives one combination: set the key itself "
@@ -192,12 +245,14 @@ def member_values(config: ml_collections.ConfigDict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Hooks:
-    """A member's step ingredients built from its values: optimizer, L2 factor, loss, batch transform."""
+    """A member's step ingredients built from its values: optimizer, L2 factor, loss, batch transform,
+    and its model when a dropout rate is swept (None: the job's model)."""
 
     tx: Any
     l2: Any
     loss_fn: Callable
     batch_transform: Callable | None
+    model: Any = None
 
 
 def member_hooks(config: ml_collections.ConfigDict, num_classes: int, steps_per_epoch: int
@@ -211,22 +266,20 @@ def member_hooks(config: ml_collections.ConfigDict, num_classes: int, steps_per_
     keeps its step even at 0, where it changes nothing), so every member's optimizer state has
     the same tree.
     """
-    from imgclf_jax import optim, steps
+    from imgclf_jax import models, optim, steps
 
     base = config.to_dict()
+    rebuild_model = any(split_index(key)[0] in _MODEL_KEYS for key in swept_keys(config))
 
     def hooks(values: dict) -> Hooks:
         tree = copy.deepcopy(base)
         for key, value in values.items():
-            node = tree
-            *path, name = key.split(".")
-            for part in path:
-                node = node[part]
-            node[name] = value
+            _set(tree, key, value, cast=False)
         section = _sections(tree)
         tx, _ = optim.create_optimizer(section.optimizer, steps_per_epoch=steps_per_epoch,
                                        num_epochs=config.train.num_epochs)
         loss_fn, batch_transform, _ = steps.recipe_hooks(section, num_classes)
-        return Hooks(tx=tx, l2=section.model.l2, loss_fn=loss_fn, batch_transform=batch_transform)
+        model = models.create_model(section.model, num_classes) if rebuild_model else None
+        return Hooks(tx=tx, l2=section.model.l2, loss_fn=loss_fn, batch_transform=batch_transform, model=model)
 
     return hooks

@@ -92,7 +92,9 @@ def ensemble_train_step(state: EnsembleState, batch: dict, keys: jax.Array, valu
     else:  # a population: each member's optimizer, L2, loss and transform from its own values
         def member_step(member, member_batch, key, member_values):
             h = hooks(member_values)
-            return steps.train_step(member, member_batch, key, model=model, tx=h.tx, l2=h.l2, loss_fn=h.loss_fn,
+            member_model = model if h.model is None else h.model  # a swept dropout rate: its own module
+            return steps.train_step(member, member_batch, key, model=member_model, tx=h.tx, l2=h.l2,
+                                    loss_fn=h.loss_fn,
                                     batch_transform=h.batch_transform, ema_decay=ema_decay)
 
         new, metrics = map_members(member_step, mode, num_members, (0, batch_axis, 0, 0))(
@@ -122,7 +124,8 @@ def ensemble_eval_step(params: Any, batch: dict, values: dict | None = None, *, 
 
     def member_eval(member_params, member_batch, member_values):  # its own L2 and loss (label smoothing)
         h = hooks(member_values)
-        return steps.eval_step(member_params, member_batch, model=model, l2=h.l2, loss_fn=h.loss_fn,
+        member_model = model if h.model is None else h.model
+        return steps.eval_step(member_params, member_batch, model=member_model, l2=h.l2, loss_fn=h.loss_fn,
                                eval_transform=eval_transform)
 
     return map_members(member_eval, mode, num_members, (0, None, 0))(params, batch, values)

@@ -40,6 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 import imgclf_jax.models.fast_path as fast_path_lib
 from imgclf_jax import backend
@@ -59,13 +60,18 @@ class FastDropout(nn.Module):
     The same key (``make_rng('dropout')`` under the same layer name), the same
     mask bit for bit and the same scaling as ``nn.Dropout(rate)``; only faster
     on XLA:CPU. Inputs float[...], outputs the same shape.
+
+    `rate` may be a float32[] array (a population's swept rate, traced in the
+    step): the layer then always draws its mask, and at rate 0 the mask keeps
+    every unit (``u < 1`` for u in [0, 1)) and the scale is 1, so it returns `x`
+    exactly, as a plain run without the layer does.
     """
 
-    rate: float
+    rate: Any
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
+        if deterministic or (not _is_array(self.rate) and self.rate == 0.0):
             return x
         return fast_path_lib.dropout(x, self.rate, self.make_rng("dropout"))
 
@@ -101,7 +107,8 @@ class BranchedCNN(nn.Module):
       conv_kernel_sizes: square kernel size of each conv, pixels.
       conv_paddings: 'SAME' or 'VALID' (case-insensitive), Keras semantics.
       conv_pools: whether a 2x2 stride-2 'valid' max pool follows the conv.
-      conv_dropouts: dropout rate after the conv (and pool); 0 = no dropout layer.
+      conv_dropouts: dropout rate after the conv (and pool); 0 = no dropout layer; a float32[]
+        array (a population's swept rate) = a layer that draws its mask at any value.
       side_filters: channels of the side branch's conv; 0 = no side branch.
       side_kernel_size: the side conv's square kernel size ('SAME' padding).
       side_pool_size: the side branch's average pool size and stride ('valid').
@@ -149,7 +156,7 @@ class BranchedCNN(nn.Module):
                 x = nn.relu(x)
                 if pool:
                     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-            if rate > 0:
+            if _has_dropout(rate):
                 x = self._dropout(rate, f"conv_dropout_{i}")(x, deterministic=not train)
         x = x.reshape((x.shape[0], -1))  # row-major (H, W, C), as Keras's Flatten
 
@@ -167,14 +174,32 @@ class BranchedCNN(nn.Module):
         for i, (units, rate) in enumerate(zip(self.dense_units, self.dense_dropouts)):
             x = nn.Dense(units, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"dense_{i}")(x)
             x = nn.relu(x)
-            if rate > 0:
+            if _has_dropout(rate):
                 x = self._dropout(rate, f"dense_dropout_{i}")(x, deterministic=not train)
         return nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT,
                         name=LOGITS)(x)
 
-    def _dropout(self, rate: float, name: str) -> nn.Module:
-        """The dropout layer `name`: :class:`FastDropout` on the fast path, else ``nn.Dropout``."""
-        return FastDropout(rate, name=name) if self.fast_path else nn.Dropout(rate, name=name)
+    def _dropout(self, rate: Any, name: str) -> nn.Module:
+        """The dropout layer `name`: :class:`FastDropout` on the fast path or for an array rate (a swept
+        one: ``nn.Dropout`` branches on the rate in Python), else ``nn.Dropout``."""
+        if self.fast_path or _is_array(rate):
+            return FastDropout(rate, name=name)
+        return nn.Dropout(rate, name=name)
+
+
+def _is_array(rate: Any) -> bool:
+    """Whether a dropout rate is an array (a population's swept rate, maybe traced), not a Python number."""
+    return isinstance(rate, (jax.Array, np.ndarray))
+
+
+def _has_dropout(rate: Any) -> bool:
+    """Whether the layer exists: a rate > 0, or a swept (array) rate, whatever its value."""
+    return _is_array(rate) or rate > 0
+
+
+def _rate(rate: Any) -> Any:
+    """A config's dropout rate as the module holds it: a float, or a swept rate's array unchanged."""
+    return rate if _is_array(rate) else float(rate)
 
 
 def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
@@ -190,12 +215,12 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
         conv_kernel_sizes=tuple(int(k) for k in m.conv_kernel_sizes),
         conv_paddings=tuple(str(p).upper() for p in m.conv_paddings),
         conv_pools=tuple(bool(p) for p in m.conv_pools),
-        conv_dropouts=tuple(float(r) for r in m.conv_dropouts),
+        conv_dropouts=tuple(_rate(r) for r in m.conv_dropouts),
         side_filters=int(m.side_filters),
         side_kernel_size=int(m.side_kernel_size),
         side_pool_size=int(m.side_pool_size),
         dense_units=tuple(int(u) for u in m.dense_units),
-        dense_dropouts=tuple(float(r) for r in m.dense_dropouts),
+        dense_dropouts=tuple(_rate(r) for r in m.dense_dropouts),
         fast_path=backend.enabled(str(m.get("fast_path", "auto"))),
     )
 

@@ -308,7 +308,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
 
     Args:
       x: float[...] activations.
-      rate: the fraction dropped, in [0, 1).
+      rate: the fraction dropped, in [0, 1): a float, or a float32[] array (a swept rate, maybe traced).
       key: the dropout key (``make_rng('dropout')`` of the layer).
 
     Returns:

@@ -98,6 +98,34 @@ def test_same_seed_same_batches_whatever_the_worker_count():
         np.testing.assert_array_equal(a["image"], b["image"])
 
 
+class CountingSource(list):
+    """A list source that counts reads (grain reads records by index)."""
+
+    reads = 0
+
+    def __getitem__(self, index):
+        CountingSource.reads += 1
+        return super().__getitem__(index)
+
+
+def test_ensemble_batches_are_each_seeds_batches_and_a_repeated_seed_is_loaded_once():
+    labels = [0, 1, 2] * 4
+    config = make_config(batch_size=4, image_size=12, rotation_deg=20.0, horizontal_flip=True)
+    split = fake_split(labels, size=12)
+    split.source = CountingSource(split.source)
+    seeds = [5, 6, 5, 6, 5, 6]  # a population: 3 combinations x seeds 5, 6
+    stacked = list(pipeline.ensemble_train_pipeline(split, config, seeds, num_epochs=1).epoch(0))
+    reads, CountingSource.reads = CountingSource.reads, 0
+    assert reads == 2 * len(labels)  # two distinct seeds, each row once (not six streams)
+    for i, seed in enumerate(seeds):
+        alone = list(pipeline.train_pipeline(split, config, num_epochs=1, seed=seed).epoch(0))
+        assert len(alone) == len(stacked) == 3
+        for a, b in zip(alone, stacked):
+            for key in ("image", "label", "mask", "row"):
+                np.testing.assert_array_equal(a[key], b[key][i])
+    assert not np.array_equal(stacked[0]["row"][0], stacked[0]["row"][1])  # the seeds differ
+
+
 def test_augmentation_differs_between_epochs_and_stays_in_range():
     config = make_config(batch_size=2, image_size=12, rotation_deg=20.0, shift_fraction=0.2)
     labels = [0, 1]

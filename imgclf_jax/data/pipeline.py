@@ -290,13 +290,18 @@ def train_pipeline(
 
 @dataclasses.dataclass(frozen=True)
 class _StackMembers:
-    """Global batch j -> every member's batch j stacked on a leading member axis."""
+    """Global batch j -> every member's batch j stacked on a leading member axis.
+
+    ``datasets`` are the distinct seeds' streams, each loaded once per batch; member i gets
+    ``datasets[order[i]]``'s batch (a population's combinations share their seed's batch).
+    """
 
     datasets: tuple
+    order: tuple
 
     def __call__(self, index: int) -> dict:
         batches = [ds[int(index)] for ds in self.datasets]
-        return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+        return {key: np.stack([batches[i][key] for i in self.order]) for key in batches[0]}
 
 
 def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, seeds: list[int],
@@ -307,11 +312,13 @@ def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, see
     (its own order and augmentation), stacked: ``image float32[K, B, H, W, 3]``,
     ``label int32[K, B]``, ``mask bool[K, B]``, ``row int32[K, B]``. Every member has
     the same steps per epoch (same rows, same resampling), so padding lines up.
-    ``rows`` and ``epoch_rows`` are member 0's.
+    ``rows`` and ``epoch_rows`` are member 0's. Members with the same seed (a population's
+    combinations of one seed) get the same batch, decoded and augmented once and copied.
     """
-    members = [train_pipeline(split, config, num_epochs, seed=s) for s in seeds]
+    distinct = list(dict.fromkeys(seeds))
+    members = [train_pipeline(split, config, num_epochs, seed=s) for s in distinct]
     stacked = grain.MapDataset.range(len(members[0].dataset)).map(
-        _StackMembers(tuple(m.dataset for m in members)))
+        _StackMembers(tuple(m.dataset for m in members), tuple(distinct.index(s) for s in seeds)))
     return dataclasses.replace(members[0], dataset=stacked)
 
 

@@ -147,8 +147,12 @@ def members(config: ml_collections.ConfigDict) -> list[Member]:
 
 
 def population_size(config: ml_collections.ConfigDict) -> int:
-    """K: the number of members the job trains (``ensemble.num_members`` times the sweep's combinations)."""
-    return len(members(config))
+    """K: the number of members the job trains (``ensemble.num_members`` times the sweep's combinations).
+
+    Counted without listing the members: the memory check must refuse a huge K at once.
+    """
+    return config.ensemble.num_members * math.prod(
+        len(values) for _, values in parse_sweep(config.ensemble.get("sweep", "")))
 
 
 def swept_keys(config: ml_collections.ConfigDict) -> list[str]:

@@ -138,7 +138,8 @@ def test_a_real_digits_run_and_its_ensemble(tmp_path):
     cache = tmp_path / "cache"
     for name, extra in (("single", []), ("pair", ["--config.ensemble.num_members=2"])):
         done = subprocess.run([sys.executable, "-m", "imgclf_jax.train", "--config", "configs/digits.py",
-                               "--config.train.num_epochs=1", f"--config.data.cache_dir={cache}",
+                               "--config.train.num_epochs=1", "--config.data.max_train_examples=300",
+                               "--config.data.max_val_examples=100", f"--config.data.cache_dir={cache}",
                                "--workdir", str(tmp_path / "runs" / name), *extra],
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -91,6 +91,29 @@ def _sgd_config():
     return c
 
 
+def start_population(c, model, hooks, batch_size, num_batches, seed):
+    """(members, values, init_keys, dropout_keys, state, batches): a population's initial state and random
+    member-stacked batches of 8x8 images, 3 classes."""
+    members = population.members(c)
+    k = len(members)
+    values = {key: jnp.asarray(v) for key, v in population.member_values(c).items()}
+    init_keys, dropout_keys = ens_steps.member_keys(0, k, [m.seed for m in members])
+    state = ens_steps.create_ensemble_state(model, None, init_keys, 8, values=values, hooks=hooks)
+    rng = np.random.default_rng(seed)
+    batches = [{"image": rng.random((k, batch_size, 8, 8, 3), dtype=np.float32),
+                "label": rng.integers(0, 3, (k, batch_size)).astype(np.int32),
+                "mask": np.ones((k, batch_size), bool)} for _ in range(num_batches)]
+    return members, values, init_keys, dropout_keys, state, batches
+
+
+def assert_member_is(pop, metrics, m, single, single_metrics):
+    """Member m of the population state and step metrics equals the plain run's state and metrics."""
+    for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[m], pop.members.params)),
+                         jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(metrics["loss_sum"][m]), float(single_metrics["loss_sum"]), rtol=1e-4)
+
+
 @pytest.mark.parametrize("mode", ["vmap", "unroll"])
 def test_population_step_equals_each_members_plain_step_and_compiles_once(mode):
     """Three steps of an 8-member SGD population (learning rate x weight decay x label smoothing) against
@@ -98,8 +121,6 @@ def test_population_step_equals_each_members_plain_step_and_compiles_once(mode):
     c = _sgd_config()
     model = create_model(c.model, 3)
     spe = 4  # updates per epoch
-    members = population.members(c)
-    k = len(members)
     traces = []
     build = population.member_hooks(c, 3, spe)
 
@@ -107,13 +128,7 @@ def test_population_step_equals_each_members_plain_step_and_compiles_once(mode):
         traces.append(1)
         return build(values)
 
-    values = {key: jnp.asarray(v) for key, v in population.member_values(c).items()}
-    init_keys, dropout_keys = ens_steps.member_keys(0, k, [m.seed for m in members])
-    state = ens_steps.create_ensemble_state(model, None, init_keys, 8, values=values, hooks=hooks)
-    rng = np.random.default_rng(0)
-    batches = [{"image": rng.random((k, 4, 8, 8, 3), dtype=np.float32),
-                "label": rng.integers(0, 3, (k, 4)).astype(np.int32), "mask": np.ones((k, 4), bool)}
-               for _ in range(3)]
+    members, values, init_keys, dropout_keys, state, batches = start_population(c, model, hooks, 4, 3, seed=0)
 
     @jax.jit
     def step(state, batch, member_values):
@@ -133,10 +148,7 @@ def test_population_step_equals_each_members_plain_step_and_compiles_once(mode):
             one = {key: v[m] for key, v in batch.items()}
             single, single_metrics = steps.train_step(single, one, dropout_keys[m], model=model, tx=tx,
                                                       l2=mc.model.l2, loss_fn=loss_fn, batch_transform=transform)
-        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[m], pop.members.params)),
-                             jax.tree.leaves(single.params)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(float(metrics["loss_sum"][m]), float(single_metrics["loss_sum"]), rtol=1e-4)
+        assert_member_is(pop, metrics, m, single, single_metrics)
     # The members differ (the values matter), and other values run without tracing again.
     kernels = np.asarray(pop.members.params["logits"]["kernel"])
     assert not np.allclose(kernels[0], kernels[-1])
@@ -156,18 +168,12 @@ def test_swept_dropout_rates_equal_each_members_plain_step(fast_path):
     c.model.fast_path = fast_path
     c.ensemble.sweep = "model.conv_dropouts[0]=0,0.3;model.dense_dropouts[0]=0.25,0.5"
     config_lib.validate(c)
-    members = population.members(c)
-    assert [m.values for m in members][1] == {"model.conv_dropouts[0]": 0.0, "model.dense_dropouts[0]": 0.5}
-    k, spe = len(members), 4
+    spe = 4
     model = create_model(c.model, 3)
     hooks = population.member_hooks(c, 3, spe)
-    values = {key: jnp.asarray(v) for key, v in population.member_values(c).items()}
-    init_keys, dropout_keys = ens_steps.member_keys(0, k, [m.seed for m in members])
-    state = ens_steps.create_ensemble_state(model, None, init_keys, 8, values=values, hooks=hooks)
-    rng = np.random.default_rng(1)
-    batches = [{"image": rng.random((k, 8, 8, 8, 3), dtype=np.float32),
-                "label": rng.integers(0, 3, (k, 8)).astype(np.int32), "mask": np.ones((k, 8), bool)}
-               for _ in range(2)]
+    members, values, init_keys, dropout_keys, state, batches = start_population(c, model, hooks, 8, 2, seed=1)
+    assert [m.values for m in members][1] == {"model.conv_dropouts[0]": 0.0, "model.dense_dropouts[0]": 0.5}
+    k = len(members)
     step = jax.jit(lambda state, batch, v: ens_steps.ensemble_train_step(
         state, batch, dropout_keys, v, model=model, tx=None, l2=0.0, mode="vmap", shared_data=False, hooks=hooks))
     pop = state
@@ -184,10 +190,7 @@ def test_swept_dropout_rates_equal_each_members_plain_step(fast_path):
             one = {key: v[m] for key, v in batch.items()}
             single, single_metrics = steps.train_step(single, one, dropout_keys[m], model=single_model, tx=tx,
                                                       l2=mc.model.l2)
-        for got, want in zip(jax.tree.leaves(jax.tree.map(lambda x: x[m], pop.members.params)),
-                             jax.tree.leaves(single.params)):
-            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
-        np.testing.assert_allclose(float(metrics["loss_sum"][m]), float(single_metrics["loss_sum"]), rtol=1e-4)
+        assert_member_is(pop, metrics, m, single, single_metrics)
         losses.append(float(metrics["loss_sum"][m]))
     assert len(set(losses)) == k  # the rates change the members (same seed: only the rates differ)
 

@@ -291,52 +291,47 @@ def test_labels_outside_the_runs_classes_are_one_line_errors(digits_run, tmp_pat
 def test_members_writes_each_members_predictions(digits_run, tmp_path):
     single, tree, truth, cache = digits_run
     ensemble = train_digits(tmp_path / "ens", cache, "--config.ensemble.num_members=2")
+    names = [str(d) for d in range(10)]
+    # --members --probabilities: each member file carries its label and softmax, the vote file the members'
+    # mean beside the majority vote's label.
     out = tmp_path / "out" / "vote.csv"
-    done = run_predict("--workdir", ensemble, "--images", tree, "--out", out, "--members")
+    done = run_predict("--workdir", ensemble, "--images", tree, "--out", out, "--members", "--probabilities")
     assert done.returncode == 0, done.stderr[-3000:]
-    vote, m0, m1 = (dict(map(tuple, read_csv_rows(p)[1:])) for p in
-                    (out, tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv"))
-    assert list(m0) == list(m1) == list(vote) == sorted(truth)
-    # Member 0 is the plain run with the same seed: its file equals that run's predictions.
-    plain = tmp_path / "plain.csv"
-    assert run_predict("--workdir", single, "--images", tree, "--out", plain).returncode == 0
-    assert dict(map(tuple, read_csv_rows(plain)[1:])) == m0
-    # A single run's --probabilities: the labels unchanged, each row its softmax, the label its argmax.
-    assert run_predict("--workdir", single, "--images", tree, "--out", plain, "--probabilities").returncode == 0
-    rows = read_csv_rows(plain)
-    assert rows[0] == ["image_id", "label", *map(str, range(10))]
-    assert {r[0]: r[1] for r in rows[1:]} == m0
-    table = np.array([[float(p) for p in r[2:]] for r in rows[1:]])
-    np.testing.assert_allclose(table.sum(1), 1.0, atol=1e-5)
-    assert [str(k) for k in table.argmax(1)] == [r[1] for r in rows[1:]]
+    labels, tables = [], []
+    for path in (out, tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv"):
+        rows = read_csv_rows(path)
+        assert rows[0] == ["image_id", "label", *names] and [r[0] for r in rows[1:]] == sorted(truth)
+        labels.append({r[0]: r[1] for r in rows[1:]})
+        tables.append(np.array([[float(p) for p in r[2:]] for r in rows[1:]]))
+        np.testing.assert_allclose(tables[-1].sum(1), 1.0, atol=1e-5)
+    vote, m0, m1 = labels
+    for table, member in zip(tables[1:], (m0, m1)):  # each member's label is its own argmax
+        assert [names[k] for k in table.argmax(1)] == [member[i] for i in sorted(truth)]
+    np.testing.assert_allclose(tables[0], (tables[1] + tables[2]) / 2, atol=1e-6)
     assert any(m0[i] != m1[i] for i in truth)  # two different models
     assert all(vote[i] == m0[i] for i in truth if m0[i] == m1[i])  # where they agree, so does the vote
     accs = [sum(m[i] == truth[i] for i in truth) / len(truth) for m in (m0, m1)]
     assert f"member accuracies: {accs[0]:.4f}, {accs[1]:.4f}" in done.stdout
-    # --probabilities: each member file carries its softmax, the vote file the members' mean;
-    # a soft vote of the member files is the argmax of that mean.
-    done = run_predict("--workdir", ensemble, "--images", tree, "--out", out, "--members", "--probabilities")
-    assert done.returncode == 0, done.stderr[-3000:]
-    names = [str(d) for d in range(10)]
-    tables = []
-    for path in (out, tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv"):
-        rows = read_csv_rows(path)
-        assert rows[0] == ["image_id", "label", *names] and [r[0] for r in rows[1:]] == sorted(truth)
-        tables.append(np.array([[float(p) for p in r[2:]] for r in rows[1:]]))
-        np.testing.assert_allclose(tables[-1].sum(1), 1.0, atol=1e-5)
-    assert [r[1] for r in read_csv_rows(out)[1:]] == [vote[i] for i in sorted(truth)]  # labels: the same vote
-    for table, member in zip(tables[1:], (m0, m1)):  # each member's label is its own argmax
-        assert [names[k] for k in table.argmax(1)] == [member[i] for i in sorted(truth)]
-    np.testing.assert_allclose(tables[0], (tables[1] + tables[2]) / 2, atol=1e-6)
+    # Member 0 is the plain run with the same seed: the plain run's --probabilities file has member 0's
+    # labels, each row its softmax, the label its argmax.
+    plain = tmp_path / "plain.csv"
+    assert run_predict("--workdir", single, "--images", tree, "--out", plain, "--probabilities").returncode == 0
+    rows = read_csv_rows(plain)
+    assert rows[0] == ["image_id", "label", *names] and [r[0] for r in rows[1:]] == sorted(truth)
+    assert {r[0]: r[1] for r in rows[1:]} == m0
+    table = np.array([[float(p) for p in r[2:]] for r in rows[1:]])
+    np.testing.assert_allclose(table, tables[1], atol=1e-5)
+    # A soft vote of the member files is the argmax of their mean.
     soft = tmp_path / "soft.csv"
     done = run_vote(tmp_path / "out" / "vote_member_0.csv", tmp_path / "out" / "vote_member_1.csv", "--soft",
                     "--out", soft)
     assert done.returncode == 0, done.stderr
     assert [r[1] for r in read_csv_rows(soft)[1:]] == [names[k] for k in tables[0].argmax(1)]
-    # Without --members only the vote's file.
+    # Without --members (or --probabilities) only the vote's file, with the same labels.
     done = run_predict("--workdir", ensemble, "--images", tree, "--out", tmp_path / "only" / "v.csv")
     assert done.returncode == 0 and sorted(p.name for p in (tmp_path / "only").iterdir()) == [
         "v.csv", "v_confusion_matrix.json", "v_confusion_matrix.png"]
+    assert read_csv_rows(tmp_path / "only" / "v.csv") == [["image_id", "label"], *map(list, sorted(vote.items()))]
 
 
 # ------------------------------------------------ outputs that would overwrite inputs or the run's files

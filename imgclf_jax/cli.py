@@ -146,6 +146,20 @@ def parse_args(argv: list[str], flags: dict[str, type] | None = None, workdir: b
     return Args(config=config, config_path=config_path, workdir=workdir, extras=values)
 
 
+def _run_process() -> tuple[int, int] | None:
+    """(process index, process count) when JAX's distributed runtime was started in this process, else
+    None (asked without starting a jax backend)."""
+    if "jax" not in sys.modules:
+        return None
+    try:
+        from jax._src import distributed as jax_distributed
+
+        state = jax_distributed.global_state
+        return (state.process_id, state.num_processes) if state.client is not None else None
+    except (ImportError, AttributeError):
+        return None
+
+
 def run(main: Callable[[list[str]], int | None], prog: str) -> None:
     """Runs ``main(sys.argv[1:])``; a UserError becomes one line on stderr and its exit code.
 
@@ -157,7 +171,13 @@ def run(main: Callable[[list[str]], int | None], prog: str) -> None:
     try:
         code = main(sys.argv[1:])
     except UserError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        run_process = _run_process()
+        where = f"process {run_process[0]}: " if run_process and run_process[0] > 0 else ""  # process 0 speaks plainly
+        print(f"{prog}: error: {'' if str(e).startswith(where) else where}{e}", file=sys.stderr)
+        if run_process:  # not sys.exit: JAX's shutdown would wait for processes that may be gone, then abort
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

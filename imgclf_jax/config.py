@@ -128,6 +128,18 @@ def base_config() -> ml_collections.ConfigDict:
     # A hyperparameter population: 'KEY=V1,V2;KEY2=...' trains one member per combination (their
     # product) x num_members seeds, in one compiled step (imgclf_jax.ensemble.population); '' = off.
     c.ensemble.sweep = ""
+
+    # Several processes as one run (imgclf_jax.distributed; python -m imgclf_jax.launch starts them locally).
+    # A single process needs none of it. Unset keys come from the environment (JAX's cluster detection:
+    # srun, mpirun, TPU slices, JAX_COORDINATOR_ADDRESS).
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.coordinator_address = ""  # host:port of process 0; '' = from the environment
+    c.distributed.num_processes = 0  # 0 = from the environment (a single process when it says nothing); 1 = single
+    c.distributed.process_id = -1  # this process's index, 0..num_processes-1; -1 = from the environment
+    # Seconds without heartbeats after which JAX's coordination service declares a process dead (the others
+    # then stop with one line naming it), and seconds to wait for every process to join at the start.
+    c.distributed.heartbeat_timeout_s = 60
+    c.distributed.initialization_timeout_s = 300
     return c
 
 
@@ -648,6 +660,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     from imgclf_jax.ensemble import population
 
     population.check_sweep(config, validate)
+    from imgclf_jax import distributed
+
+    distributed.check_section(config.distributed)
 
 
 def validate_recipe(config: ml_collections.ConfigDict) -> None:

@@ -51,3 +51,13 @@ class Interrupted(UserError):
     """SIGINT or SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
     exit_code = 130
+
+
+class ProcessLost(UserError):
+    """A multi-process run lost one of its processes (killed, crashed, unreachable); the checkpoints stay intact.
+
+    The tools exit at once after the message (``os._exit``): JAX's runtime would otherwise wait at its
+    shutdown barrier for the missing process and then abort with a stack trace.
+    """
+
+    exit_code = 1

@@ -24,7 +24,10 @@ from imgclf_jax.models.base import COMMON_KEYS
 
 # Keys that may change between a run and its resumption without changing its results (train.num_epochs
 # only when the schedule does not depend on the run's length: optim.ScheduleEntry.run_length).
-RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints")
+RESUMABLE_CHANGES = ("train.num_epochs", "data.num_workers", "model.fast_path", "train.keep_checkpoints",
+                     # a run checkpointed by N processes resumes with M (imgclf_jax.distributed)
+                     "distributed.coordinator_address", "distributed.num_processes", "distributed.process_id",
+                     "distributed.heartbeat_timeout_s", "distributed.initialization_timeout_s")
 
 
 def flat_config(d: dict, prefix: str = "") -> dict:

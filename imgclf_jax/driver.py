@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from imgclf_jax import banner, preview, report, tracking
+from imgclf_jax import banner, distributed, preview, report, tracking
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.ensemble import population
@@ -181,8 +181,7 @@ def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_ep
     try:
         for i, batch in enumerate(iterator, start=first):
             state, metrics = job.step(state, batch)
-            mask = batch["mask"]
-            real = int(mask.reshape(-1, mask.shape[-1])[0].sum())  # images of one (member's) stream
+            real = min(train.batch_size, train.epoch_size - i * train.batch_size)  # images of one (member's) stream
             if pending is not None:
                 absorb(pending)
             pending = (i, metrics)
@@ -192,7 +191,8 @@ def run_epoch(state, job: Job, progress: Progress, guard: InterruptGuard, num_ep
             else:
                 steady_images += real
             bar.update(real)
-            if guard.signal_name is not None:
+            if distributed.any_process(guard.signal_name is not None):  # every process stops at the same step
+                guard.signal_name = guard.signal_name or "SIGTERM (on another process)"
                 break
         if pending is not None:
             absorb(pending)
@@ -278,7 +278,8 @@ def train(job: Job) -> dict:
                     report.write_json(os.path.join(workdir, "history.json"), progress.history)
                     tracking.write_metrics_csv(os.path.join(workdir, tracking.METRICS_CSV), progress.history)
                     log.epoch(entry)
-                    if guard.signal_name is not None and progress.epoch < num_epochs:
+                    if distributed.any_process(guard.signal_name is not None) and progress.epoch < num_epochs:
+                        guard.signal_name = guard.signal_name or "SIGTERM (on another process)"
                         raise Interrupted(f"{guard.signal_name} after epoch {progress.epoch}: checkpoint saved "
                                           f"in {workdir}; rerun the same command to resume")
 

@@ -11,8 +11,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from imgclf_jax import parallel
+from imgclf_jax import distributed, parallel
 from imgclf_jax import progress as progress_lib
 from imgclf_jax.data import pipeline, splits
 
@@ -41,16 +42,24 @@ def evaluate(eval_step, params, split: splits.Split, config, mesh, desc: str = "
     `eval_step(params, batch)` returns (metric sums, probabilities ``[..., B, C]``);
     a leading member axis, if any, is kept in the result. Progress (images, images/s)
     goes to stderr as a :class:`imgclf_jax.progress.Bar` named `desc`.
+
+    In a multi-process run each process loads its block of every batch; the metric sums are global
+    and the probabilities are gathered, so every process returns the same whole-split result.
     """
     totals = None
     probabilities = []
     bar = progress_lib.Bar(len(split), desc)
+    batch_size, shard = config.train.batch_size, distributed.share()
     try:
-        for batch in pipeline.iterate(pipeline.eval_dataset(split, config), config.data.num_workers):
+        for j, batch in enumerate(pipeline.iterate(pipeline.eval_dataset(split, config, shard=shard),
+                                                   config.data.num_workers)):
             metrics, probs = eval_step(params, parallel.shard_batch(batch, mesh))
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
-            probabilities.append(np.asarray(probs)[..., batch["mask"], :])
-            bar.update(int(np.sum(batch["mask"])))
+            mask = np.arange(j * batch_size, (j + 1) * batch_size) < len(split)  # the global batch's real rows
+            if shard[1] > 1:  # every process gets every row's probabilities
+                probs = multihost_utils.process_allgather(probs, tiled=True)
+            probabilities.append(np.asarray(probs)[..., mask, :])
+            bar.update(int(mask.sum()))
     finally:
         bar.close()
     totals = {k: np.asarray(v, np.float64) for k, v in jax.device_get(totals).items()}

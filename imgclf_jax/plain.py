@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import parallel, report, steps
+from imgclf_jax import distributed, parallel, report, steps
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.errors import TrainingError
@@ -50,7 +50,7 @@ class PlainJob(Job):
                                                batch_transform=parts.batch_transform, ema_decay=ema_decay)
         self.eval_step = steps.jit_eval_step(model, config.model.l2, mesh, loss_fn=parts.loss_fn,
                                              eval_transform=parts.eval_transform)
-        self.train = pipeline.train_pipeline(parts.data.train, config)
+        self.train = pipeline.train_pipeline(parts.data.train, config, shard=distributed.share())
         es = config.train.early_stopping
         self.stopper = EarlyStopping(es.monitor, es.patience)
         self.keeps_best = self.stopper.restores_best

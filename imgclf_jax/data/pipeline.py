@@ -261,8 +261,44 @@ def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@dataclasses.dataclass(frozen=True)
+class _ShareRows:
+    """Row k of one process's share -> its row of the global stream (see :func:`process_share`)."""
+
+    rows: grain.MapDataset  # the global stream, one element per row (not batched)
+    batch_size: int  # the global batch B
+    index: int
+    count: int
+
+    def __call__(self, k: int) -> dict:
+        local = self.batch_size // self.count
+        step, r = divmod(int(k), local)
+        return self.rows[step * self.batch_size + self.index * local + r]
+
+
+def process_share(rows: grain.MapDataset, batch_size: int, shard: tuple[int, int]) -> grain.MapDataset:
+    """Process `shard` = (index p, count P)'s batches of a per-row stream: batch j is rows
+    ``j*B + p*B/P ... j*B + (p+1)*B/P - 1`` of the global stream (its p-th block of global batch j).
+
+    Each row is computed exactly as in the global stream (grain seeds a row's augmentation by its global
+    position), so the P shares of batch j, concatenated in process order, are the single-process batch j.
+    With P = 1 it is ``rows.batch(B)`` itself.
+
+    Raises:
+      ValueError: B is not a multiple of P (the mesh refuses such a run first: :func:`imgclf_jax.parallel.make_mesh`).
+    """
+    index, count = shard
+    if count == 1:
+        return rows.batch(batch_size)
+    if batch_size % count:
+        raise ValueError(f"batch size {batch_size} is not a multiple of {count} processes")
+    shared = grain.MapDataset.range(len(rows) // count).map(_ShareRows(rows, batch_size, index, count))
+    return shared.batch(batch_size // count)
+
+
 def train_pipeline(
-    split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None, seed: int | None = None
+    split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None, seed: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> TrainPipeline:
     """Builds the training pipeline from a run's config (sections data, augment, train; key seed).
 
@@ -271,6 +307,8 @@ def train_pipeline(
       config: the run config.
       num_epochs: epochs to cover (default train.num_epochs).
       seed: the data order and augmentation seed (default config.seed).
+      shard: (process index, process count) of a multi-process run: ``dataset[j]`` is then this
+        process's block of global batch j (:func:`process_share`); ``batch_size`` stays the global B.
     """
     num_epochs = num_epochs or config.train.num_epochs
     batch_size = config.train.batch_size
@@ -284,7 +322,7 @@ def train_pipeline(
     ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
     if params.active:
         ds = ds.random_map(_Augment(params), seed=augment_seed)
-    ds = ds.map(_finisher(config)).batch(batch_size)
+    ds = process_share(ds.map(_finisher(config)), batch_size, shard)
     return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers)
 
 
@@ -305,7 +343,7 @@ class _StackMembers:
 
 
 def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, seeds: list[int],
-                            num_epochs: int | None = None) -> TrainPipeline:
+                            num_epochs: int | None = None, shard: tuple[int, int] = (0, 1)) -> TrainPipeline:
     """K members' training batches in one stream: batch j holds member i's batch j of seed ``seeds[i]``.
 
     Each member's batches are exactly those of ``train_pipeline(split, config, seed=seeds[i])``
@@ -314,21 +352,24 @@ def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, see
     the same steps per epoch (same rows, same resampling), so padding lines up.
     ``rows`` and ``epoch_rows`` are member 0's. Members with the same seed (a population's
     combinations of one seed) get the same batch, decoded and augmented once and copied.
+    `shard`: a process's share of each member's batch, as in :func:`train_pipeline` (``[K, B/P, ...]``).
     """
     distinct = list(dict.fromkeys(seeds))
-    members = [train_pipeline(split, config, num_epochs, seed=s) for s in distinct]
+    members = [train_pipeline(split, config, num_epochs, seed=s, shard=shard) for s in distinct]
     stacked = grain.MapDataset.range(len(members[0].dataset)).map(
         _StackMembers(tuple(m.dataset for m in members), tuple(distinct.index(s) for s in seeds)))
     return dataclasses.replace(members[0], dataset=stacked)
 
 
-def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None):
+def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None,
+                 shard: tuple[int, int] = (0, 1)):
     """Batches of `split` in order, resized and normalized as in training, no augmentation, last batch padded.
 
-    Returns a grain MapDataset of ceil(N / B) batches.
+    Returns a grain MapDataset of ceil(N / B) batches; with `shard` = (p, P), process p's block of
+    each (B / P rows: :func:`process_share`).
     """
     batch_size = batch_size or config.train.batch_size
     steps = math.ceil(len(split) / batch_size)
     ds = grain.MapDataset.range(steps * batch_size).map(_InOrder(len(split)))
     ds = ds.map(_Load(split, config.data.image_size, config.data.resize_method))
-    return ds.map(_finisher(config)).batch(batch_size)
+    return process_share(ds.map(_finisher(config)), batch_size, shard)

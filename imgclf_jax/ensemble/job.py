@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
-from imgclf_jax import memory, optim, parallel, report, steps
+from imgclf_jax import distributed, memory, optim, parallel, report, steps
 from imgclf_jax.data import pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import population, steps as ens_steps
@@ -97,12 +97,13 @@ class EnsembleJob(Job):
         self.shared = config.ensemble.shared_data
         self.seeds = [m.seed for m in self.population]
         self.init_keys, dropout_keys = ens_steps.member_keys(config.seed, k, self.seeds)
-        self.dropout_keys = jax.device_put(dropout_keys, rep)
+        self.dropout_keys = parallel.replicate(dropout_keys, rep)
         ema_decay = config.train.ema_decay
         if self.shared:
-            self.train = pipeline.train_pipeline(parts.data.train, config)
+            self.train = pipeline.train_pipeline(parts.data.train, config, shard=distributed.share())
         else:
-            self.train = pipeline.ensemble_train_pipeline(parts.data.train, config, self.seeds)
+            self.train = pipeline.ensemble_train_pipeline(parts.data.train, config, self.seeds,
+                                                          shard=distributed.share())
         self.values = population.member_values(config)  # {key: float32[K]}; {} without a sweep
         hooks = (population.member_hooks(config, parts.data.num_classes, self.train.steps_per_epoch)
                  if self.values else None)
@@ -118,7 +119,7 @@ class EnsembleJob(Job):
                                                  eval_transform=parts.eval_transform, values=self.values,
                                                  hooks=hooks)
         image_size = config.data.image_size
-        values = {key: jnp.asarray(v) for key, v in self.values.items()}
+        values = {key: np.asarray(v) for key, v in self.values.items()}  # numpy: constants on every process
         self._make_state = jax.jit(lambda keys: ens_steps.create_ensemble_state(model, tx, keys, image_size,
                                                                                 ema_decay, values, hooks),
                                    out_shardings=rep)
@@ -202,9 +203,9 @@ class EnsembleJob(Job):
             if nan_steps[i] is not None:
                 stoppers[i].stopped = True
         if self.keeps_best and improved.any():
-            self._best = _select_params(jnp.asarray(improved), steps.eval_variables(state.members), self._best)
+            self._best = _select_params(parallel.replicate(improved, self.rep), steps.eval_variables(state.members), self._best)
         stopped = np.array([s.stopped for s in stoppers])
-        state = state.replace(active=jax.device_put(jnp.asarray(~stopped) & state.active, self.rep))
+        state = state.replace(active=parallel.replicate(~stopped, self.rep) & state.active)
         t = progress.totals
         labels = data.validation.labels
         member_steps = np.asarray(jax.device_get(state.members.step))

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imgclf_jax import parallel, steps
 from imgclf_jax.ensemble.mapping import map_members
@@ -170,7 +171,7 @@ def jit_eval_step(model, l2: float, mesh, mode: str, *, loss_fn=None, eval_trans
 
 def _device_values(values: dict | None, sharding) -> dict:
     """A population's values as float32 device arrays ({} without one)."""
-    return {key: jax.device_put(jnp.asarray(v, jnp.float32), sharding) for key, v in (values or {}).items()}
+    return {key: parallel.replicate(np.asarray(v, np.float32), sharding) for key, v in (values or {}).items()}
 
 
 def create_ensemble_state(model, tx, init_keys: jax.Array, image_size: int,

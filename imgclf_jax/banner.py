@@ -11,6 +11,12 @@ from imgclf_jax.models import describe_model
 MAX_CLASSES_SHOWN = 20  # more classes: the first ones, then how many more
 
 
+def _processes(devices: list) -> str:
+    """' of 2 processes' when the devices belong to more than one process (a multi-process run), else ''."""
+    count = len({getattr(d, "process_index", 0) for d in devices})
+    return f" of {count} processes" if count > 1 else ""
+
+
 def _row_lines(data) -> list[str]:
     """'rows: train 1,437, validation 360, test none', or one line per split saying where its rows came from."""
     splits = (("train", data.train), ("validation", data.validation), ("test", data.test))
@@ -100,7 +106,7 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
         *_row_lines(data),
         f"  classes ({data.num_classes}; train rows each): {', '.join(shown)}",
         f"  images {d.image_size}x{d.image_size} RGB; model {describe_model(config.model)}, {num_params:,} params"
-        f"{members}; batch {config.train.batch_size} on {len(devices)} device(s) ({device_text}; "
+        f"{members}; batch {config.train.batch_size} on {len(devices)} device(s){_processes(devices)} ({device_text}; "
         f"{per_device} each)",
         *([recipe] if (recipe := recipe_line(config)) else []),
         f"  workdir {workdir}: {start}",

@@ -27,6 +27,11 @@ current shardings), so a checkpoint written with one device count restores
 with another. Saves are synchronous: once ``save_*`` returns, the checkpoint is
 complete on disk (orbax writes to a temporary folder and renames it). A save
 that fails (a full disk: :class:`DiskFullError`) removes its temporary folder.
+
+In a multi-process run (:mod:`imgclf_jax.distributed`) every process calls every method: orbax's
+multi-process path writes each global array once, and process 0 alone writes the manifests and the
+marker and deletes folders, with a barrier after, so a checkpoint written by N processes restores
+with M (the arrays are replicated; the abstract target carries the current mesh).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from imgclf_jax import disk, manifest
+from imgclf_jax import disk, distributed, manifest
 from imgclf_jax.errors import CheckpointError, UserError
 
 # In checkpoints/: its presence says every checkpoint folder of the workdir carries a manifest.
@@ -211,7 +216,7 @@ class RunCheckpoints:
         Raises:
           OSError: the marker or a manifest cannot be written (e.g. ENOSPC; no temporary file is left).
         """
-        if os.path.isfile(self.marker_path):
+        if os.path.isfile(self.marker_path) or not distributed.is_primary():
             return
         for folder in self._kept_steps() + [self.result_dir]:
             if os.path.isdir(folder) and not manifest.has_manifest(folder):
@@ -246,7 +251,8 @@ class RunCheckpoints:
 
     def _save_failed(self, exc: BaseException, folder: str, name: str, what: str, need: int, advice: str):
         """Cleans up after a failed save; returns the error to raise instead (or None: re-raise)."""
-        _remove_temporary(folder, name)
+        if distributed.is_primary():
+            _remove_temporary(folder, name)
         if disk.is_disk_full(exc):
             return disk.disk_full_error(what, folder, need, advice, elsewhere="use a --workdir on a larger disk")
         return None
@@ -272,9 +278,11 @@ class RunCheckpoints:
             with _orbax_quiet_on_disk_full():
                 self._latest.save(step, args=ocp.args.Composite(**items), force=True)
                 self._latest.wait_until_finished()
-            manifest.write(folder)
+            if distributed.is_primary():
+                manifest.write(folder)
+            distributed.barrier(f"checkpoint {step} verified")
         except BaseException as e:
-            if os.path.isdir(folder) and not manifest.has_manifest(folder):
+            if distributed.is_primary() and os.path.isdir(folder) and not manifest.has_manifest(folder):
                 shutil.rmtree(folder, ignore_errors=True)  # complete but unverifiable: not kept
                 self._latest.reload()
             error = self._save_failed(e, self.latest_dir, str(step), f"checkpoint '{folder}'", need,
@@ -335,9 +343,12 @@ class RunCheckpoints:
                 except Exception as e:  # orbax/tensorstore/json errors of a damaged folder
                     problem = f"orbax cannot restore it ({_one_line(e)})"
             if problem is None:
-                for bad_folder, _ in failed:
-                    shutil.rmtree(bad_folder, ignore_errors=True)
-                if failed:
+                if failed:  # every process reached the same verdict from the same files
+                    distributed.barrier("checkpoints verified")
+                    if distributed.is_primary():
+                        for bad_folder, _ in failed:
+                            shutil.rmtree(bad_folder, ignore_errors=True)
+                    distributed.barrier("corrupt checkpoints deleted")
                     self._latest.reload()
                     print(f"warning: checkpoint '{failed[0][0]}' is corrupt ({failed[0][1]}); deleted it and "
                           f"resuming from the previous checkpoint '{folder}'", file=sys.stderr)
@@ -363,8 +374,9 @@ class RunCheckpoints:
         Raises:
           DiskFullError: no space left (the partial result folder is removed).
         """
-        if os.path.exists(self.result_dir):
+        if os.path.exists(self.result_dir) and distributed.is_primary():
             shutil.rmtree(self.result_dir)
+        distributed.barrier("result cleared")
         try:
             self._mark_manifests()
             with _orbax_quiet_on_disk_full(), ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -373,9 +385,11 @@ class RunCheckpoints:
                     args=ocp.args.Composite(params=ocp.args.StandardSave(variables),
                                             metadata=ocp.args.JsonSave(dict(metadata, weights="variables"))),
                 )
-            manifest.write(self.result_dir)
+            if distributed.is_primary():
+                manifest.write(self.result_dir)
+            distributed.barrier("result verified")
         except BaseException as e:
-            if os.path.isdir(self.result_dir) and not manifest.has_manifest(self.result_dir):
+            if distributed.is_primary() and os.path.isdir(self.result_dir) and not manifest.has_manifest(self.result_dir):
                 shutil.rmtree(self.result_dir, ignore_errors=True)
             parent = os.path.dirname(self.result_dir)
             error = self._save_failed(e, parent, "result", f"the result checkpoint '{self.result_dir}'",
@@ -442,7 +456,9 @@ class RunCheckpoints:
     def remove_latest(self) -> None:
         """Deletes checkpoints/latest (train.keep_checkpoints='result', once the run has finished)."""
         self.close()
-        shutil.rmtree(self.latest_dir, ignore_errors=True)
+        if distributed.is_primary():
+            shutil.rmtree(self.latest_dir, ignore_errors=True)
+        distributed.barrier("latest removed")
 
     def close(self) -> None:
         """Releases the checkpoint manager (call once the run is done; a second call does nothing)."""

@@ -10,11 +10,12 @@ writes the history; the job writes its reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import ml_collections
 
-from imgclf_jax import driver, memory, parallel, report, steps, workdir_lock
+from imgclf_jax import distributed, driver, memory, parallel, report, steps, workdir_lock
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.ensemble import population
 from imgclf_jax.ensemble.job import EnsembleJob
@@ -36,9 +37,16 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     Raises:
       ConfigError, DataError: bad config, workdir or data; a model that does not fit the image or memory.
     """
-    check_workdir(workdir, config, overwrite)
+    primary = distributed.is_primary()
+    if primary:  # a multi-process run's workdir is process 0's to check, clear and write
+        check_workdir(workdir, config, overwrite)
+    distributed.barrier("workdir checked")
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
-    data = splits.load_run_data(config.data)
+    if primary:  # process 0 prepares the data first; the others then find it in a shared cache
+        data = splits.load_run_data(config.data)
+    distributed.barrier("data prepared")
+    if not primary:
+        data = splits.load_run_data(config.data)
     loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config, data.num_classes)
     model = create_model(config.model, data.num_classes)
     updates_per_epoch = pipeline.steps_per_epoch(data.train.labels, tuple(config.data.class_repeats),
@@ -49,7 +57,7 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                   config.train.batch_size // mesh.size, config.train.ema_decay)
     figures = memory.check_fits(member, population.population_size(config), bool(config.train.early_stopping.monitor),
-                                list(mesh.devices.flat), config.data.image_size)
+                                parallel.local_devices(mesh), config.data.image_size)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return RunParts(data=data, model=model, tx=tx, schedule=schedule, mesh=mesh, memory=figures,
                     loss_fn=loss_fn, batch_transform=batch_transform, eval_transform=eval_transform)
@@ -65,6 +73,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
     (:class:`imgclf_jax.ensemble.job.EnsembleJob`), else a plain one
     (:class:`imgclf_jax.plain.PlainJob`).
 
+    In a multi-process run (:mod:`imgclf_jax.distributed`) every process calls it with the same config;
+    process 0 alone checks and writes the workdir and holds its lock.
+
     The workdir is locked for the whole call (:mod:`imgclf_jax.workdir_lock`): a second
     run on it, in this or another process, stops with WorkdirBusy (a ConfigError) before
     anything in the workdir is touched.
@@ -73,9 +84,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
       ConfigError, DataError: bad config or data (before any training step).
       TrainingError: a NaN or infinite training loss, naming the step (the checkpoints stay intact).
       Interrupted: SIGINT or SIGTERM (after saving a checkpoint).
+      ProcessLost: a multi-process run lost a process (its collectives failed); the checkpoints stay intact.
     """
     check_workdir_place(workdir, config)
-    with workdir_lock.WorkdirLock(workdir):
-        parts = prepare_run(config, workdir, overwrite)
-        job_type = EnsembleJob if population.population_size(config) > 1 else PlainJob
-        return driver.train(job_type(config, workdir, parts))
+    with workdir_lock.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
+        try:
+            parts = prepare_run(config, workdir, overwrite)
+            job_type = EnsembleJob if population.population_size(config) > 1 else PlainJob
+            return driver.train(job_type(config, workdir, parts))
+        except Exception as e:  # a multi-process run's collective failing because a process is gone
+            lost = distributed.lost_process_error(e, config.distributed.heartbeat_timeout_s)
+            if lost is None:
+                raise
+            raise lost from None

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-from imgclf_jax import cli
+from imgclf_jax import cli, distributed
 from imgclf_jax.data import pipeline, splits
 from imgclf_jax.errors import ConfigError
 
@@ -63,8 +63,9 @@ def save_grid(images: np.ndarray, labels: np.ndarray, class_names: list[str], ti
             ax.set_title(f"class {class_names[labels[k]]}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    if distributed.is_primary():  # a multi-process run's files are process 0's to write
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
 
 

@@ -21,16 +21,21 @@ import textwrap
 
 import numpy as np
 
-from imgclf_jax import disk
+from imgclf_jax import disk, distributed
 from imgclf_jax.errors import ConfigError
 
 
 def write_atomically(path: str, write, newline=None) -> None:
     """Calls `write(file)` on ``<path>.tmp``, then renames it to `path`; removes the .tmp if anything fails.
 
+    In a multi-process run only process 0 writes (:func:`imgclf_jax.distributed.is_primary`); the
+    others return at once. The same holds for every file this module writes.
+
     Raises:
       DiskFullError: the filesystem is full or the quota spent (ENOSPC / EDQUOT).
     """
+    if not distributed.is_primary():  # a multi-process run's files are process 0's to write
+        return
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", newline=newline) as f:
@@ -81,7 +86,8 @@ def _label_curve(plt, fig, ax, metric: str, title: str, title_size="large", **le
 
 def _save(plt, figures: dict, workdir: str) -> None:
     for name, fig in figures.items():
-        fig.savefig(os.path.join(workdir, name), dpi=100)
+        if distributed.is_primary():
+            fig.savefig(os.path.join(workdir, name), dpi=100)
         plt.close(fig)
 
 
@@ -228,7 +234,8 @@ def save_confusion_matrix(matrix: np.ndarray, class_names: list[str], workdir: s
     })
     plt = _pyplot()
     fig = confusion_matrix_figure(matrix, class_names, title)
-    fig.savefig(os.path.join(workdir, f"{name}.png"), dpi=100)
+    if distributed.is_primary():
+        fig.savefig(os.path.join(workdir, f"{name}.png"), dpi=100)
     plt.close(fig)
 
 

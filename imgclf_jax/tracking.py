@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from imgclf_jax import report
+from imgclf_jax import distributed, report
 
 TENSORBOARD_DIR = "tensorboard"
 METRICS_CSV = "metrics.csv"
@@ -135,12 +135,16 @@ class RunLog:
     Args:
       workdir: the run's folder.
       num_members: K of an ensemble (member folders), 1 for a plain run.
+
+    In a multi-process run only process 0 logs (:func:`imgclf_jax.distributed.is_primary`); on the
+    others every method does nothing.
     """
 
     def __init__(self, workdir: str, num_members: int):
         self.root = os.path.join(workdir, TENSORBOARD_DIR)
         self.num_members = num_members
         self._writers: dict[str, Any] = {}
+        self.active = distributed.is_primary()
 
     def _writer(self, folder: str):
         if folder not in self._writers:
@@ -156,6 +160,8 @@ class RunLog:
         """Writes the log again from a run's record: removes ``tensorboard/``, then logs the config,
         the preview grid (a PNG path, or None), every epoch of `history` and every per-step point
         (``[update, [loss per stream]]``) so far."""
+        if not self.active:
+            return
         self.close()
         if os.path.isdir(self.root):
             shutil.rmtree(self.root)
@@ -171,6 +177,8 @@ class RunLog:
 
     def epoch(self, entry: dict, flush: bool = True) -> None:
         """Logs one history entry's scalars at step = its epoch (1-based)."""
+        if not self.active:
+            return
         for folder, scalars in epoch_scalars(entry).items():
             writer = self._writer(folder)
             for tag, value in scalars.items():
@@ -180,6 +188,8 @@ class RunLog:
 
     def step_loss(self, update: int, losses: list, flush: bool = False) -> None:
         """Logs ``train/loss_per_step`` at step `update`, per stream (member folders for an ensemble)."""
+        if not self.active:
+            return
         for i, loss in enumerate(losses):
             if loss is not None:
                 self._writer(f"member_{i}" if self.num_members > 1 else "").add_scalar(
@@ -189,6 +199,8 @@ class RunLog:
 
     def confusion_matrix(self, png: str, epochs_run: int) -> None:
         """Logs the run's confusion_matrix.png as the ``confusion_matrix`` image at step `epochs_run`."""
+        if not self.active:
+            return
         if os.path.isfile(png):
             self._writer("").add_image("confusion_matrix", _png_array(png), epochs_run, dataformats="HWC")
         self.flush()

@@ -37,6 +37,7 @@ imgclf_jax/config.py, base_config; set one with --config.KEY=VALUE):
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from imgclf_jax import cli
@@ -93,11 +94,20 @@ def ranking_lines(summary: dict) -> list[str]:
 def main(argv: list[str]) -> int:
     """Runs the tool on command-line words `argv` (see the module docstring); returns the exit status."""
     args = cli.parse_args(argv, {"overwrite": bool})
-    from imgclf_jax import loop  # jax is imported only after the command line is known to be good
+    from imgclf_jax import distributed  # jax is imported only after the command line is known to be good
+
+    if distributed.initialize(args.config):  # before anything starts a jax backend
+        distributed.check_same_config(args.config, args.workdir)
+    from imgclf_jax import loop
     from imgclf_jax import workdir as workdir_lib
 
-    summary = loop.train_and_evaluate(args.config, args.workdir, overwrite=args.extras["overwrite"])
-    print("\n".join(summary_lines(summary, args.workdir, workdir_lib.run_files(args.workdir))))
+    with contextlib.ExitStack() as quiet:
+        if not distributed.is_primary():  # process 0 speaks for the run; an error still reaches stderr (cli.run)
+            devnull = quiet.enter_context(open(os.devnull, "w"))
+            quiet.enter_context(contextlib.redirect_stdout(devnull))
+            quiet.enter_context(contextlib.redirect_stderr(devnull))
+        summary = loop.train_and_evaluate(args.config, args.workdir, overwrite=args.extras["overwrite"])
+        print("\n".join(summary_lines(summary, args.workdir, workdir_lib.run_files(args.workdir))))
     return 0
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import ml_collections
 
 from imgclf_jax import config as config_lib
-from imgclf_jax.errors import ConfigError, UserError
+from imgclf_jax.errors import ConfigError, Interrupted, UserError
 
 
 @dataclasses.dataclass
@@ -173,7 +173,8 @@ def run(main: Callable[[list[str]], int | None], prog: str) -> None:
     except UserError as e:
         run_process = _run_process()
         where = f"process {run_process[0]}: " if run_process and run_process[0] > 0 else ""  # process 0 speaks plainly
-        print(f"{prog}: error: {'' if str(e).startswith(where) else where}{e}", file=sys.stderr)
+        if not (where and isinstance(e, Interrupted)):  # an interrupt stops every process alike: process 0 says it
+            print(f"{prog}: error: {'' if str(e).startswith(where) else where}{e}", file=sys.stderr)
         if run_process:  # not sys.exit: JAX's shutdown would wait for processes that may be gone, then abort
             sys.stdout.flush()
             sys.stderr.flush()

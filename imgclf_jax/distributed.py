@@ -49,8 +49,10 @@ def wanted(dist) -> bool:
     """Whether the ``distributed`` config section (or the environment) asks for a multi-process run.
 
     True when ``num_processes > 1`` or ``coordinator_address`` is set, when ``JAX_COORDINATOR_ADDRESS``
-    is set, or inside ``srun`` / ``mpirun`` with more than one task (SLURM_NTASKS, OMPI_COMM_WORLD_SIZE;
-    under SLURM only within a job step, ``SLURM_STEP_ID``). ``num_processes == 1`` forces a single process.
+    is set, inside ``srun`` / ``mpirun`` with more than one task (SLURM_NTASKS, OMPI_COMM_WORLD_SIZE;
+    under SLURM only within a job step, ``SLURM_STEP_ID``), or on a multi-host Cloud TPU slice
+    (TPU_WORKER_HOSTNAMES lists several hosts). ``num_processes == 1`` forces a single process. Other
+    clusters (Kubernetes, mpi4py) set the keys or ``JAX_COORDINATOR_ADDRESS`` themselves.
     """
     if dist.num_processes == 1:
         return False
@@ -63,7 +65,7 @@ def wanted(dist) -> bool:
             count = 1
         if count > 1 and (name != "SLURM_NTASKS" or "SLURM_STEP_ID" in os.environ):
             return True
-    return False
+    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")  # a multi-host Cloud TPU slice
 
 
 def check_section(dist) -> None:
@@ -108,6 +110,9 @@ def initialize(config) -> bool:
         "initialization_timeout": int(dist.initialization_timeout_s),
         "heartbeat_timeout_seconds": int(dist.heartbeat_timeout_s),
     }
+    address = dist.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    if address and dist.process_id > 0:  # jaxlib aborts the process (a fatal log) on an unreachable coordinator
+        _wait_for_coordinator(address, dist.initialization_timeout_s)
     accepted = inspect.signature(jax.distributed.initialize).parameters  # older jax: fewer keywords
     try:
         jax.distributed.initialize(**{k: v for k, v in kwargs.items() if k in accepted})
@@ -116,6 +121,33 @@ def initialize(config) -> bool:
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ConfigError(f"could not join the distributed run at coordinator {where}: {first}") from None
     return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Waits until `address` (host:port, process 0's coordination service) accepts TCP connections.
+
+    Raises:
+      ConfigError: it does not within `timeout_s` seconds (naming the address).
+    """
+    import socket
+    import time
+
+    host, _, port = address.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise ConfigError(f"config key 'distributed.coordinator_address' must be host:port, got {address!r}") from None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), port_number), timeout=1.0):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise ConfigError(f"could not join the distributed run at coordinator {address}: nothing answered "
+                                  f"there within distributed.initialization_timeout_s={timeout_s:g} s ({e}); start "
+                                  "process 0 there, or check the address") from None
+            time.sleep(0.5)
 
 
 def process_index() -> int:
@@ -186,9 +218,13 @@ def _quiet_stdout_fd():
 def _comparable(config, workdir: str) -> dict[str, str]:
     """key -> JSON of its value: every leaf key but the ``distributed`` section (it differs per
     process), and ``--workdir`` (as an absolute path)."""
-    from imgclf_jax.workdir import flat_config
+    def flatten(d: dict, prefix: str = "") -> dict:  # (not workdir.flat_config: workdir imports config, which imports this)
+        out = {}
+        for key, value in d.items():
+            out.update(flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
 
-    flat = flat_config(json.loads(json.dumps(config.to_dict())))
+    flat = flatten(json.loads(json.dumps(config.to_dict())))
     flat["--workdir"] = os.path.abspath(workdir)
     return {k: json.dumps(v, sort_keys=True) for k, v in sorted(flat.items()) if not k.startswith("distributed.")}
 

@@ -193,7 +193,8 @@ class TrainPipeline:
     num_workers: int
 
     def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict]:
-        """Iterates global batches [start_step, stop_step) with grain threads / worker processes."""
+        """Iterates batches [start_step, stop_step) (global ones; a process's share with `shard`) with grain
+        threads / worker processes."""
         return iterate(self.dataset[start_step:stop_step], self.num_workers)
 
     def epoch_rows(self, epoch: int) -> np.ndarray:

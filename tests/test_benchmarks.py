@@ -135,3 +135,19 @@ def test_conv_kernel_gradient_methods_equal_jax_grad_of_lax_conv(padding, k):
     for method in METHODS:
         np.testing.assert_allclose(np.asarray(kernel_gradient(method, x, g, k, padding)), expected,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_processes_layouts_and_ratio():
+    from benchmarks import processes
+    from imgclf_jax.errors import ConfigError
+
+    assert processes.parse_layout("2x1") == (2, 1) and processes.parse_layout(" 1x2") == (1, 2)
+    for bad in ("2", "0x1", "2x0", "axb"):
+        with pytest.raises(ConfigError, match="PxD"):
+            processes.parse_layout(bad)
+    cmd, env = processes.layout_command(2, 1, ["--config", "configs/digits.py"], "/tmp/w")
+    assert cmd[1:5] == ["-m", "imgclf_jax.launch", "--num_processes", "2"] and env["JAX_NUM_CPU_DEVICES"] == "1"
+    assert "xla_force_host_platform_device_count" not in env["XLA_FLAGS"]
+    rows = [{"processes": 1, "devices_per_process": 1, "train_images_per_s": 100.0},
+            {"processes": 2, "devices_per_process": 1, "train_images_per_s": 80.0}]
+    assert processes.summary_row(rows)["ratio_to_baseline"] == {"1x1": 1.0, "2x1": 0.8}

@@ -215,3 +215,24 @@ def test_per_channel_normalization_by_hand_in_training_and_evaluation():
     assert pipeline.normalization(ml_collections.ConfigDict({"image_size": 6})) is None
     first = next(iter(pipeline.iterate(pipeline.eval_dataset(split, plain, batch_size=4), 0)))
     np.testing.assert_array_equal(first["image"][3], np.full((6, 6, 3), np.float32(3) * np.float32(1 / 255)))
+
+
+def test_process_shares_of_a_batch_are_its_blocks_augmented_as_in_one_process():
+    """2 processes' shares of global batch j, in process order, are the single-process batch j, pixels included
+    (augmentation is seeded by a row's global position); the epoch's last short batch and eval padding too."""
+    labels = [0, 1, 2] * 5  # 15 rows, batches of 4: the last one of each epoch padded
+    config = make_config(batch_size=4, image_size=12, seed=3, rotation_deg=20.0, horizontal_flip=True)
+    split = fake_split(labels, size=12)
+    whole = list(pipeline.train_pipeline(split, config, num_epochs=2).batches())
+    shares = [list(pipeline.train_pipeline(split, config, num_epochs=2, shard=(p, 2)).batches()) for p in (0, 1)]
+    assert len(whole) == len(shares[0]) == len(shares[1]) == 8
+    for j, batch in enumerate(whole):
+        assert shares[0][j]["image"].shape[0] == 2
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([shares[0][j][key], shares[1][j][key]]), batch[key])
+    assert not whole[3]["mask"][-1] and not shares[1][3]["mask"][-1]  # the padded slot is process 1's
+    evals = [list(pipeline.iterate(pipeline.eval_dataset(split, config, shard=(p, 2)), 0)) for p in (0, 1)]
+    rows = np.concatenate([np.concatenate([evals[0][j]["row"], evals[1][j]["row"]]) for j in range(4)])
+    assert rows.tolist() == list(range(15)) + [-1]
+    with pytest.raises(ValueError, match="multiple of 3 processes"):
+        pipeline.train_pipeline(split, config, num_epochs=1, shard=(0, 3))

@@ -276,15 +276,41 @@ def _missing_processes(wait_s: float) -> list[int] | None:
         return None
 
 
+def _unanswered_roll_call(index: int, count: int, wait_s: float) -> list[int] | None:
+    """The processes that do not answer a roll call within `wait_s` seconds, or None when the roll call
+    cannot be held (process 0's key-value store, the coordinator, is gone too, or an older jax).
+
+    Every survivor of a lost process fails at its next collective, within milliseconds of the others
+    (their connections drop in a cascade), and calls this: each writes its index under one key
+    prefix of the coordination service's key-value store and, after `wait_s`, the indices missing
+    there are the lost processes. This names them before the service's own heartbeat timeout, at
+    which jaxlib stops every process with a multi-line fatal log.
+    """
+    import time
+
+    try:
+        from jax._src import distributed as jax_distributed  # the key-value store has no public wrapper
+
+        client = jax_distributed.global_state.client
+        prefix = "imgclf_jax/roll_call/"
+        client.key_value_set(f"{prefix}{index}", "here", allow_overwrite=True)
+        time.sleep(wait_s)
+        answered = {int(key.rstrip("/").rsplit("/", 1)[-1]) for key, _ in client.key_value_dir_get(prefix)}
+    except Exception:
+        return None
+    return [p for p in range(count) if p not in answered] or None
+
+
 def lost_process_error(exc: BaseException, heartbeat_timeout_s: float) -> ProcessLost | None:
     """The one-line error for a collective or runtime failure caused by a missing process, or None.
 
     Such failures come from XLA as ``XlaRuntimeError`` / ``ValueError`` mentioning gloo, a closed
     connection or the coordination service's heartbeats. With 2 processes the missing one is the
-    other, named at once; with more, this asks the coordination service, which notices within
-    `heartbeat_timeout_s` seconds. (At that moment the runtime itself may stop the process first,
-    with its own multi-line log that names the unhealthy task: jaxlib's fatal-error callback cannot
-    be replaced from Python, a Python callback aborts with std::bad_cast.)
+    other, named at once; with more, the survivors hold a roll call (:func:`_unanswered_roll_call`,
+    a few seconds), and only if that fails ask the coordination service, which notices within
+    `heartbeat_timeout_s` seconds (at that moment the runtime itself may stop the process first, with
+    its own multi-line log naming the unhealthy task: jaxlib's fatal-error callback cannot be
+    replaced from Python, a Python callback aborts with std::bad_cast).
     """
     text = str(exc)
     signs = ("Gloo", "gloo", "Connection closed by peer", "heartbeat", "coordination service", "unhealthy",
@@ -292,7 +318,12 @@ def lost_process_error(exc: BaseException, heartbeat_timeout_s: float) -> Proces
     if process_count() == 1 or not any(s in text for s in signs):
         return None
     index, count = process_index(), process_count()
-    missing = [1 - index] if count == 2 else _missing_processes(heartbeat_timeout_s + 5.0)
+    if count == 2:
+        missing = [1 - index]
+    else:
+        missing = _unanswered_roll_call(index, count, min(3.0, heartbeat_timeout_s / 2))
+        if missing is None:
+            missing = _missing_processes(heartbeat_timeout_s + 5.0)
     who = (f"process {', '.join(map(str, missing))} of {count} is gone" if missing
            else "another process of the run stopped or cannot be reached (if it is process 0, the coordinator)")
     first = text.strip().splitlines()[0][:200]

@@ -71,7 +71,8 @@ def measure_layout(processes: int, devices: int, train_args: list[str]) -> tuple
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - start
         if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1:] or ["(no output)"]
+            lines = done.stderr.strip().splitlines()
+            tail = [line for line in lines if "error:" in line][:1] or lines[-1:] or ["(no output)"]
             raise ConfigError(f"layout {processes}x{devices} failed (status {done.returncode}): {tail[0]}")
         history = json.loads(pathlib.Path(tmp, "run", "history.json").read_text())
     rates = [e["train_images_per_s"] for e in history[1:] if e.get("train_images_per_s")]

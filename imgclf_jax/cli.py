@@ -31,7 +31,7 @@ from typing import Any, Callable
 import ml_collections
 
 from imgclf_jax import config as config_lib
-from imgclf_jax.errors import ConfigError, Interrupted, UserError
+from imgclf_jax.errors import ConfigError, Interrupted, PeerStopped, ProcessLost, UserError
 
 
 @dataclasses.dataclass
@@ -173,12 +173,15 @@ def run(main: Callable[[list[str]], int | None], prog: str) -> None:
     except UserError as e:
         run_process = _run_process()
         where = f"process {run_process[0]}: " if run_process and run_process[0] > 0 else ""  # process 0 speaks plainly
-        if not (where and isinstance(e, Interrupted)):  # an interrupt stops every process alike: process 0 says it
+        # In a multi-process run, process 0 speaks for the others when they stop alike (an interrupt, a lost
+        # process it names too) and for a step they stopped at together; a process's own error is printed.
+        quiet = where and (isinstance(e, Interrupted) or getattr(e, "quiet", False))
+        if not quiet and not (where and isinstance(e, PeerStopped)):
             print(f"{prog}: error: {'' if str(e).startswith(where) else where}{e}", file=sys.stderr)
         if run_process:  # not sys.exit: JAX's shutdown would wait for processes that may be gone, then abort
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(e.exit_code)
+            from imgclf_jax import distributed
+
+            distributed.leave(e.exit_code, wait_for_others=not isinstance(e, ProcessLost))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -39,7 +39,7 @@ import os
 import sys
 import zlib
 
-from imgclf_jax.errors import ConfigError, ProcessLost
+from imgclf_jax.errors import ConfigError, PeerStopped, ProcessLost, UserError
 
 # Environment variables by which a cluster launcher announces more than one task to JAX's own detection.
 _CLUSTER_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
@@ -193,6 +193,63 @@ def any_process(flag: bool) -> bool:
     return bool(_gather_ints([int(flag)]).any())
 
 
+def together(step: str, work):
+    """Runs ``work()`` on every process as one step: if it raises a UserError on any process, every
+    process stops here (that process with its own error, the others with :class:`PeerStopped`), so a
+    check that only process 0 makes (the workdir, its lock) cannot leave the others waiting for it; an
+    error that every process meets alike is printed by process 0 alone (the others' is a quiet PeerStopped).
+    Returns ``work()``'s result. For a single process it is just ``work()``.
+    """
+    try:
+        result, error = work(), None
+    except UserError as e:
+        result, error = None, e
+    if process_count() == 1:
+        if error is not None:
+            raise error
+        return result
+    text = zlib.crc32(str(error).encode()) if error is not None else 0
+    failed = _gather_ints([int(error is not None), error.exit_code if error is not None else 0, text])
+    if error is not None:
+        if process_index() > 0 and not isinstance(error, PeerStopped) and failed[0, 0] and failed[0, 2] == text:
+            raise PeerStopped(str(error), error.exit_code)  # process 0 prints the same message
+        raise error
+    if failed[:, 0].any():
+        first = int(failed[:, 0].argmax())
+        raise PeerStopped(f"process {first} stopped at {step} (its message above says why)", int(failed[first, 1]))
+    return result
+
+
+def leave(exit_code: int, wait_for_others: bool = True) -> None:
+    """Ends this process of a multi-process run at once (``os._exit``: JAX's shutdown barrier would wait
+    for processes that may be gone, then abort), process 0 last.
+
+    Process 0 hosts the coordination service: if it exits first, the others' runtime aborts them with a
+    multi-line fatal log. So every other process says it is leaving (the service's key-value store)
+    and exits, and process 0 waits up to 5 s for them (`wait_for_others`; not when one is known gone).
+    """
+    import time
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        from jax._src import distributed as jax_distributed
+
+        state = jax_distributed.global_state
+        prefix = "imgclf_jax/leaving/"
+        if state.process_id != 0:
+            state.client.key_value_set(f"{prefix}{state.process_id}", "1", allow_overwrite=True)
+        elif wait_for_others:
+            deadline = time.monotonic() + 5.0
+            while (len(state.client.key_value_dir_get(prefix)) < state.num_processes - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            time.sleep(0.3)  # they have said so; now let them be gone
+    except Exception:
+        pass
+    os._exit(exit_code)
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches the barrier called `name` (no-op for a single process)."""
     if process_count() > 1:
@@ -327,5 +384,7 @@ def lost_process_error(exc: BaseException, heartbeat_timeout_s: float) -> Proces
     who = (f"process {', '.join(map(str, missing))} of {count} is gone" if missing
            else "another process of the run stopped or cannot be reached (if it is process 0, the coordinator)")
     first = text.strip().splitlines()[0][:200]
-    return ProcessLost(f"process {index}: {who} ({first}); stopped; rerun the same launch to resume "
+    lost = ProcessLost(f"process {index}: {who} ({first}); stopped; rerun the same launch to resume "
                        "from the last checkpoint")
+    lost.quiet = index != 0 and bool(missing) and 0 not in missing  # process 0 says it for every survivor
+    return lost

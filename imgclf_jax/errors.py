@@ -61,3 +61,12 @@ class ProcessLost(UserError):
     """
 
     exit_code = 1
+
+
+class PeerStopped(UserError):
+    """Another process of a multi-process run stopped at a step every process takes together (its own
+    message says why); this one stops too, with that process's exit code and no message of its own."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -88,10 +88,15 @@ def describe(returncode: int) -> str:
     return f"status {returncode}"
 
 
-def supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float = 0.2) -> int:
+def supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float = 0.2, quiet_s: float = 2.0) -> int:
     """Waits for every process; forwards SIGINT/SIGTERM; on a failure gives the others `grace_s`
-    seconds, then SIGKILLs them. Returns the worst exit status."""
+    seconds, then SIGKILLs them. Returns the worst exit status.
+
+    A process killed by a signal is named; one that exited with an error status printed its own line,
+    so the launcher speaks of it only when others are still running `quiet_s` seconds later.
+    """
     received = []
+    reported = set()
 
     def forward(signum, frame):
         received.append(signum)
@@ -101,18 +106,19 @@ def supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float = 0.2
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        failed_at = None
+        failed_at, first_failed = None, None
         while [p.poll() for p in procs].count(None):  # poll each: a returncode is only set by poll()
-            if failed_at is None:
-                for i, p in enumerate(procs):
-                    if p.returncode not in (None, 0) and not received:
-                        running = [j for j, q in enumerate(procs) if q.poll() is None]
-                        if running:
-                            print(f"launch: process {i} exited ({describe(p.returncode)}); waiting up to "
-                                  f"{grace_s:g} s for process(es) {running} to stop", file=sys.stderr, flush=True)
-                        failed_at = time.monotonic()
-                        break
-            elif time.monotonic() - failed_at > grace_s:
+            now = time.monotonic()
+            if failed_at is None and not received:
+                first_failed = next((i for i, p in enumerate(procs) if p.returncode not in (None, 0)), None)
+                if first_failed is not None:
+                    failed_at = now
+            elif failed_at is not None and first_failed not in reported and now - failed_at > quiet_s:
+                running = [j for j, q in enumerate(procs) if q.returncode is None]
+                print(f"launch: process {first_failed} exited ({describe(procs[first_failed].returncode)}); waiting "
+                      f"up to {grace_s:g} s for process(es) {running} to stop", file=sys.stderr, flush=True)
+                reported.add(first_failed)
+            elif failed_at is not None and now - failed_at > grace_s:
                 for i, p in enumerate(procs):
                     if p.poll() is None:
                         print(f"launch: process {i} still running {grace_s:g} s after the failure; killing it",
@@ -123,9 +129,9 @@ def supervise(procs: list[subprocess.Popen], grace_s: float, poll_s: float = 0.2
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if failed_at is None and not received:  # every process ended before a poll saw one fail
+    if not received:
         for i, p in enumerate(procs):
-            if p.returncode != 0:
+            if p.returncode < 0 and i not in reported:  # a signal death leaves no line of its own
                 print(f"launch: process {i} exited ({describe(p.returncode)})", file=sys.stderr, flush=True)
     return max(exit_status(p.returncode) for p in procs)
 
@@ -144,6 +150,7 @@ def main(argv: list[str]) -> int:
     if any(a.startswith(f"--config.distributed.{key}") for a in train_args for key in own):
         raise ConfigError("the launcher sets distributed.coordinator_address, num_processes and process_id "
                           "itself; leave them out of the train arguments")
+    cli.parse_args(train_args, {"overwrite": bool})  # a bad train command is one line here, not one per process
     devices = values.get("devices_per_process")
     if devices is not None and devices < 1:
         raise ConfigError("--devices_per_process must be >= 1")

@@ -38,15 +38,12 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
       ConfigError, DataError: bad config, workdir or data; a model that does not fit the image or memory.
     """
     primary = distributed.is_primary()
-    if primary:  # a multi-process run's workdir is process 0's to check, clear and write
-        check_workdir(workdir, config, overwrite)
-    distributed.barrier("workdir checked")
+    # A multi-process run's workdir is process 0's to check, clear and write; it prepares the data first,
+    # the others then find it in the shared cache. A refusal on any process stops them all (together).
+    distributed.together("the workdir check", lambda: check_workdir(workdir, config, overwrite) if primary else None)
     layer_specs(config.model, config.data.image_size, 2)  # a model that fits the image, before any data work
-    if primary:  # process 0 prepares the data first; the others then find it in a shared cache
-        data = splits.load_run_data(config.data)
-    distributed.barrier("data prepared")
-    if not primary:
-        data = splits.load_run_data(config.data)
+    data = distributed.together("the data preparation", lambda: splits.load_run_data(config.data) if primary else None)
+    data = distributed.together("reading the prepared data", lambda: data if data is not None else splits.load_run_data(config.data))
     loss_fn, batch_transform, eval_transform = steps.recipe_hooks(config, data.num_classes)
     model = create_model(config.model, data.num_classes)
     updates_per_epoch = pipeline.steps_per_epoch(data.train.labels, tuple(config.data.class_repeats),
@@ -87,9 +84,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, overwrit
       ProcessLost: a multi-process run lost a process (its collectives failed); the checkpoints stay intact.
     """
     check_workdir_place(workdir, config)
-    with workdir_lock.WorkdirLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
+    with contextlib.ExitStack() as locked:
+        distributed.together("the workdir lock", lambda: locked.enter_context(workdir_lock.WorkdirLock(workdir))
+                             if distributed.is_primary() else None)
         try:
-            parts = prepare_run(config, workdir, overwrite)
+            parts = distributed.together("start-up", lambda: prepare_run(config, workdir, overwrite))
             job_type = EnsembleJob if population.population_size(config) > 1 else PlainJob
             return driver.train(job_type(config, workdir, parts))
         except Exception as e:  # a multi-process run's collective failing because a process is gone

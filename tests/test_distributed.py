@@ -138,6 +138,18 @@ def test_an_unreachable_coordinator_is_one_line(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_refusal_at_start_up_is_one_line_from_process_0_and_every_process_exits_2(tmp_path):
+    """The batch of 32 does not divide over 3 processes' devices: every process refuses alike; process 0
+    says it once and leaves last (it hosts the coordination service: leaving first would abort the others)."""
+    done = run(launched(["--config", "configs/digits.py", "--workdir", str(tmp_path / "run")], processes=3),
+               check=False)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Terminating process" not in done.stderr and "Check failure" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if "error:" in line or line.startswith("launch:")]
+    assert lines == ["imgclf_jax.train: error: train.batch_size 32 must be a multiple of the run's 3 devices "
+                     "(3 processes x 1) in a multi-process run"], done.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def digits_two_processes(tmp_path_factory):
     """The uninterrupted 2-process digits run: (workdir, cache, its stdout)."""

@@ -285,7 +285,8 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
 
     Args:
       builder: a :data:`BUILDERS` name: 'competition', 'folders' or 'digits' (config key data.builder).
-      root: the data folder (config key data.dir); ignored for 'digits'.
+      root: the data folder (config key data.dir); ignored for 'digits'. A packed data folder
+        (:mod:`imgclf_jax.pack`) is opened as it is: nothing scanned or prepared.
       cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
       num_classes: data.num_classes; 0 = infer (competition: largest training label + 1;
         folders: the class folders). Competition labels must lie in 0..num_classes-1; folders
@@ -299,6 +300,10 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
     builder_cls = entry.builder_cls
     if "dir" in entry.ignored_keys:
         root = ""
+    from imgclf_jax import pack  # a packed data folder (python -m imgclf_jax.pack read) is prepared already
+
+    if pack.is_packed(root):
+        return pack.open_packed(builder, root, num_classes)
     scan = entry.scan(root, num_classes)
     cache_dir = os.path.expanduser(cache_dir)
     if root and _is_inside(cache_dir, root):

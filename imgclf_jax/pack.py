@@ -21,7 +21,8 @@ run with ``--config.data.dir=DATA_DIR`` and the same ``data.builder`` opens it w
 image file or preparing anything: the rows, their order and the decoded pixels are the original
 machine's bit for bit, and so is the content digest a run records, so a run started on one machine
 resumes on the other. The prepared folder's own checksum manifest is checked when it is opened, as
-for every prepared folder (:mod:`imgclf_jax.data.builders`).
+for every prepared folder (:mod:`imgclf_jax.data.builders`; the packed folder's format is
+:mod:`imgclf_jax.data.packed`).
 """
 
 from __future__ import annotations
@@ -35,11 +36,9 @@ import tarfile
 import uuid
 
 from imgclf_jax import cli
+from imgclf_jax.data.packed import PACK_NAME, PACKED_NAME, VERSION, is_packed, read_manifest
 from imgclf_jax.errors import ConfigError, DataError
 
-PACK_NAME = "pack.json"  # the manifest in the parts folder
-PACKED_NAME = "imgclf_pack.json"  # the manifest in a packed data folder
-_VERSION = 1
 _CHUNK = 1 << 20
 
 
@@ -154,7 +153,7 @@ def write_pack(data_config, out_dir: str, part_bytes: int) -> dict:
     finally:
         writer.close()
     pack = {
-        "version": _VERSION,
+        "version": VERSION,
         "builder": data_config.builder,
         "folder": folder,
         "content_digest": prepared.content_digest,
@@ -176,22 +175,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(path: str) -> dict:
-    try:
-        with open(path) as f:
-            pack = json.load(f)
-        if pack.get("version") != _VERSION:
-            raise ValueError(f"version {pack.get('version')!r}, {_VERSION} expected")
-        for key in ("builder", "folder", "scan"):
-            if key not in pack:
-                raise ValueError(f"no {key!r}")
-        return pack
-    except FileNotFoundError:
-        raise DataError(f"'{path}' not found: not a data pack (python -m imgclf_jax.pack write makes one)") from None
-    except (OSError, ValueError, AttributeError) as e:
-        raise DataError(f"'{path}' is not a readable pack manifest ({e})") from None
-
-
 def read_pack(parts_dir: str, data_dir: str) -> dict:
     """Checks the parts in `parts_dir` against its ``pack.json`` and unpacks them into `data_dir`.
 
@@ -203,7 +186,7 @@ def read_pack(parts_dir: str, data_dir: str) -> dict:
         sha256 (named); the stream holds a path outside the pack's folder.
       ConfigError: `data_dir` exists and is not empty.
     """
-    pack = _read_manifest(os.path.join(parts_dir, PACK_NAME))
+    pack = read_manifest(os.path.join(parts_dir, PACK_NAME))
     if os.path.exists(data_dir) and (not os.path.isdir(data_dir) or os.listdir(data_dir)):
         raise ConfigError(f"--to '{data_dir}' exists and is not empty: give a new folder")
     paths = []
@@ -242,36 +225,6 @@ def read_pack(parts_dir: str, data_dir: str) -> dict:
         reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
     return pack
-
-
-def is_packed(root: str) -> bool:
-    """Whether `root` (a ``data.dir``) is a packed data folder (it holds ``imgclf_pack.json``)."""
-    return bool(root) and os.path.isfile(os.path.join(root, PACKED_NAME))
-
-
-def open_packed(builder: str, root: str, num_classes: int):
-    """The :class:`imgclf_jax.data.builders.PreparedDataset` of packed data folder `root`.
-
-    Raises:
-      ConfigError: ``data.builder`` or ``data.num_classes`` (when not 0) differ from the pack's.
-      DataError: an unreadable manifest, or a prepared folder that fails its checksums.
-    """
-    from imgclf_jax.data import builders, scan as scan_lib
-
-    pack = _read_manifest(os.path.join(root, PACKED_NAME))
-    if builder != pack["builder"]:
-        raise ConfigError(f"config key 'data.builder' is {builder!r} but data.dir '{root}' is a pack of "
-                          f"{pack['builder']!r} data: set --config.data.builder={pack['builder']}")
-    saved = pack["scan"]
-    if num_classes and num_classes != len(saved["class_names"]):
-        raise ConfigError(f"config key 'data.num_classes' is {num_classes} but the pack in '{root}' has "
-                          f"{len(saved['class_names'])} classes")
-    scan = scan_lib.Scan(
-        class_names=list(saved["class_names"]),
-        splits={split: [scan_lib.Example(str(i), int(y), "", str(o)) for i, y, o in rows]
-                for split, rows in saved["splits"].items()},
-        sources=dict(saved.get("sources", {})))
-    return builders.open_prepared(builders.BUILDERS[builder].builder_cls, os.path.join(root, pack["folder"]), scan)
 
 
 def main(argv: list[str]) -> int:

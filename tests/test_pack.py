@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from imgclf_jax import pack
-from imgclf_jax.data import builders, splits
+from imgclf_jax.data import builders, packed, splits
 from imgclf_jax.errors import ConfigError, DataError
 from tests.conftest import data_config
 from tests.test_builders import make_class_folders
@@ -40,12 +40,12 @@ def test_folders_round_trip_bit_for_bit_in_small_parts(tmp_path, cache_dir):
     prepared_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(original.path) for f in fs)
     sizes = [p["bytes"] for p in written["parts"]]
     assert sum(sizes) > prepared_bytes and all(s <= 1 << 20 for s in sizes)  # the tar stream holds every byte
-    assert sorted(os.listdir(tmp_path / "parts")) == sorted([pack.PACK_NAME] + [p["name"] for p in written["parts"]])
+    assert sorted(os.listdir(tmp_path / "parts")) == sorted([packed.PACK_NAME] + [p["name"] for p in written["parts"]])
 
     pack.read_pack(str(tmp_path / "parts"), str(tmp_path / "unpacked"))
-    packed = builders.prepare("folders", str(tmp_path / "unpacked"), str(tmp_path / "other-cache"))
+    reopened = builders.prepare("folders", str(tmp_path / "unpacked"), str(tmp_path / "other-cache"))
     assert not os.path.exists(tmp_path / "other-cache")  # nothing scanned or prepared
-    _assert_same(original, packed)
+    _assert_same(original, reopened)
     # a run config on the packed folder sees the same splits (a held-out validation split drawn alike)
     run_a = splits.load_run_data(data)
     run_b = splits.load_run_data(data_config("folders", tmp_path / "unpacked", tmp_path / "other-cache"))
@@ -94,7 +94,7 @@ def test_command_line_write_and_read(tmp_path):
     assert "wrote 1 parts" in write.stdout and "9 images" in write.stdout
     read = tool("read", str(parts), "--to", str(out))
     assert read.returncode == 0, read.stderr
-    assert json.loads((out / pack.PACKED_NAME).read_text())["builder"] == "folders"
+    assert json.loads((out / packed.PACKED_NAME).read_text())["builder"] == "folders"
     for words, message in ((("read", str(parts), "--to", str(out)), "is not empty"),
                            (("read", str(tmp_path), "--to", str(tmp_path / "x")), "not a data pack"),
                            (("write", "--config", "configs/digits.py", "--out", str(tmp_path / "d")), "nothing to pack")):

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from imgclf_jax import disk, manifest, progress
-from imgclf_jax.data import scan as scan_lib
+from imgclf_jax.data import packed, scan as scan_lib
 from imgclf_jax.data.imageio import load_rgb
 from imgclf_jax.errors import ConfigError, DataError, UserError
 from imgclf_jax.registry import Registry
@@ -286,7 +286,7 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
     Args:
       builder: a :data:`BUILDERS` name: 'competition', 'folders' or 'digits' (config key data.builder).
       root: the data folder (config key data.dir); ignored for 'digits'. A packed data folder
-        (:mod:`imgclf_jax.pack`) is opened as it is: nothing scanned or prepared.
+        (:mod:`imgclf_jax.data.packed`) is opened as it is: nothing scanned or prepared.
       cache_dir: where prepared datasets live (config key data.cache_dir), '~' expanded.
       num_classes: data.num_classes; 0 = infer (competition: largest training label + 1;
         folders: the class folders). Competition labels must lie in 0..num_classes-1; folders
@@ -300,10 +300,9 @@ def prepare(builder: str, root: str, cache_dir: str, num_classes: int = 0) -> Pr
     builder_cls = entry.builder_cls
     if "dir" in entry.ignored_keys:
         root = ""
-    from imgclf_jax import pack  # a packed data folder (python -m imgclf_jax.pack read) is prepared already
-
-    if pack.is_packed(root):
-        return pack.open_packed(builder, root, num_classes)
+    if packed.is_packed(root):  # python -m imgclf_jax.pack read wrote it: prepared already
+        folder, scan = packed.open_packed(builder, root, num_classes)
+        return open_prepared(builder_cls, folder, scan)
     scan = entry.scan(root, num_classes)
     cache_dir = os.path.expanduser(cache_dir)
     if root and _is_inside(cache_dir, root):

@@ -234,7 +234,8 @@ def model_section(name: str, common: Any = None) -> ml_collections.ConfigDict:
 
     Args:
       name: a registered model name.
-      common: a model section whose ``l2`` and ``fast_path`` are kept (None: their defaults).
+      common: a model section whose ``l2``, ``fast_path``, ``compute_dtype`` and ``matmul_precision`` are kept
+        (None: their defaults).
 
     Raises:
       ConfigError: `name` is not registered (one line listing the registered names).
@@ -250,14 +251,21 @@ def model_section(name: str, common: Any = None) -> ml_collections.ConfigDict:
     # Faster CPU ops with the same results (imgclf_jax.backend decides): 'auto' (on for CPU), 'on', 'off';
     # the environment variable IMGCLF_JAX_FAST_PATH=0 turns it off whatever this says.
     m.fast_path = "auto"
+    # The precision policy (imgclf_jax.models.base): the layers compute in 'float32' or 'bfloat16' (params,
+    # gradients and optimizer state float32 either way; the fast path is float32 only); matmul_precision
+    # 'default' (the backend's: TensorFloat-32 for float32 convs on recent NVIDIA GPUs) or 'highest'.
+    m.compute_dtype = "float32"
+    m.matmul_precision = "default"
     if common is not None:
         m.l2, m.fast_path = common.l2, common.fast_path
+        m.compute_dtype = common.get("compute_dtype", "float32")
+        m.matmul_precision = common.get("matmul_precision", "default")
     return m
 
 
 def select_model(config: ml_collections.ConfigDict, name: str) -> None:
     """Makes `config` use model `name`: a new model rebuilds the ``model`` section (``model.l2`` and
-    ``model.fast_path`` kept, the new model's own keys at their defaults); the same name changes nothing
+    ``model.fast_path``, ``model.compute_dtype``, ``model.matmul_precision`` kept, the new model's own keys at their defaults); the same name changes nothing
     (unless the section does not have that model's keys, as after ``config.model.name = name`` in code).
 
     Raises:
@@ -634,6 +642,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     model_entry(m).validate(m, d.image_size)  # the model's own keys (imgclf_jax.models.MODELS)
     need(m.l2 >= 0, "model.l2", ">= 0")
     need(m.fast_path in FAST_PATH_SETTINGS, "model.fast_path", f"one of {FAST_PATH_SETTINGS}")
+    from imgclf_jax.models.base import COMPUTE_DTYPES, MATMUL_PRECISIONS
+
+    need(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", f"one of {COMPUTE_DTYPES}")
+    need(m.matmul_precision in MATMUL_PRECISIONS, "model.matmul_precision", f"one of {MATMUL_PRECISIONS}")
+    if not model_entry(m).precision_policy:  # its create would not read them: refused, never ignored
+        need(m.compute_dtype == "float32", "model.compute_dtype",
+             f"'float32' for model.name={m.name!r} (its entry does not follow the precision policy)")
+        need(m.matmul_precision == "default", "model.matmul_precision",
+             f"'default' for model.name={m.name!r} (its entry does not follow the precision policy)")
+    need(m.fast_path != "on" or m.compute_dtype == "float32", "model.fast_path",
+         f"'auto' or 'off' with model.compute_dtype={m.compute_dtype!r} (the fast-path kernels are float32)")
     check_optimizer(o)
     need(t.num_epochs >= 1, "train.num_epochs", ">= 1")
     from imgclf_jax import optim

@@ -82,7 +82,8 @@ ONE_CONV = ModelEntry(
     size_keys=("features",),
 )
 
-VALID_KEYS = "model.fast_path, model.features, model.kernel_size, model.l2, model.name"
+VALID_KEYS = ("model.compute_dtype, model.fast_path, model.features, model.kernel_size, model.l2, "
+              "model.matmul_precision, model.name")
 
 
 @pytest.fixture
@@ -105,7 +106,8 @@ def test_a_second_model_family_is_chosen_by_name_with_its_own_strict_section(one
     c = config_lib.base_config()
     config_lib.apply_override(c, "model.l2", "0.01")
     config_lib.apply_override(c, "model.name", "one_conv")
-    assert sorted(c.model.keys()) == ["fast_path", "features", "kernel_size", "l2", "name"]
+    assert sorted(c.model.keys()) == ["compute_dtype", "fast_path", "features", "kernel_size", "l2",
+                                      "matmul_precision", "name"]
     assert (c.model.features, c.model.kernel_size, c.model.l2) == (4, 3, 0.01)  # own defaults, l2 kept
     config_lib.apply_override(c, "model.features", "6")
     config_lib.validate(c)
@@ -122,7 +124,8 @@ def test_a_second_model_family_is_chosen_by_name_with_its_own_strict_section(one
     loaded = config_lib.load_config_file(write_config(tmp_path, ['c.model.name = "one_conv"',
                                                                  "c.model.features = 5"]))
     assert loaded.model.to_dict() == {"name": "one_conv", "features": 5, "kernel_size": 3, "l2": 0.0,
-                                      "fast_path": "auto"}
+                                      "fast_path": "auto", "compute_dtype": "float32",
+                                      "matmul_precision": "default"}
     path = write_config(tmp_path, ['c.model.name = "one_conv"', "c.model.conv_filters = (8,)"])
     with pytest.raises(ConfigError) as e:
         config_lib.load_config_file(path)
@@ -203,7 +206,8 @@ def test_model_name_overrides_come_first_and_rebuild_the_section(one_conv):
     args = cli.parse_args(["--config", str(ROOT / "configs/ml6.py"), "--config.model.features=7",
                            "--config.model.l2=0.002", "--config.model.name=one_conv"], workdir=False)
     assert args.config.model.to_dict() == {"name": "one_conv", "features": 7, "kernel_size": 3, "l2": 0.002,
-                                           "fast_path": "auto"}
+                                           "fast_path": "auto", "compute_dtype": "float32",
+                                           "matmul_precision": "default"}
     # Back to the branched CNN: its keys at their defaults (not ml6's), l2 and fast_path kept.
     c = args.config
     config_lib.apply_override(c, "model.fast_path", "off")
@@ -279,3 +283,20 @@ def test_a_workdir_of_another_model_family_is_refused_naming_the_family(one_conv
     message = str(info.value)
     assert "model.name ('one_conv' -> 'branched_cnn')" in message
     assert "conv_filters" not in message and "features" not in message  # the families' own keys: not listed
+
+
+def test_a_model_without_the_precision_policy_refuses_bfloat16_and_highest(one_conv):
+    """one_conv's create reads neither key: a non-default value is refused, never recorded and ignored."""
+    c = config_lib.base_config()
+    config_lib.apply_override(c, "model.name", "one_conv")
+    config_lib.validate(c)  # the defaults pass
+    config_lib.apply_override(c, "model.compute_dtype", "bfloat16")
+    with pytest.raises(ConfigError, match=r"^config key 'model.compute_dtype' must be 'float32' for "
+                                          r"model.name='one_conv' \(its entry does not follow the precision "
+                                          r"policy\), got 'bfloat16'$"):
+        config_lib.validate(c)
+    config_lib.apply_override(c, "model.compute_dtype", "float32")
+    config_lib.apply_override(c, "model.matmul_precision", "highest")
+    with pytest.raises(ConfigError, match="config key 'model.matmul_precision' must be 'default' for "
+                                          "model.name='one_conv'"):
+        config_lib.validate(c)

@@ -28,10 +28,14 @@ import jax.numpy as jnp
 
 from imgclf_jax.models.base import (
     COMMON_KEYS,
+    COMPUTE_DTYPES,
     DEFAULT_MODEL,
+    MATMUL_PRECISIONS,
     MODELS,
     LayerSpec,
     ModelEntry,
+    describe_precision,
+    precision_policy,
     register,
 )
 from imgclf_jax.models.cnn import LOGITS, BranchedCNN  # registers 'branched_cnn'
@@ -39,7 +43,9 @@ from imgclf_jax.models.resnet import ResNet  # registers 'resnet', 'resnet18', '
 
 __all__ = [
     "COMMON_KEYS",
+    "COMPUTE_DTYPES",
     "DEFAULT_MODEL",
+    "MATMUL_PRECISIONS",
     "LOGITS",
     "MODELS",
     "BranchedCNN",
@@ -52,6 +58,7 @@ __all__ = [
     "l2_penalty",
     "layer_specs",
     "model_entry",
+    "precision_policy",
     "register",
     "regularized_kernels",
 ]
@@ -138,9 +145,13 @@ def l2_penalty(params: Any, l2: float, model: Any = None) -> jax.Array:
 
 
 def describe_model(model_config: Any) -> str:
-    """The model in a few words, for the start banner: its entry's ``describe``, else its name and own keys."""
+    """The model in a few words, for the start banner: its entry's ``describe``, else its name and own keys;
+    then the precision policy when it is not float32 / 'default' (:func:`describe_precision`)."""
     entry = model_entry(model_config)
     if entry.describe is not None:
-        return entry.describe(model_config)
-    own = ", ".join(f"{key} {model_config[key]!r}" for key in entry.config().keys())
-    return f"'{entry.name}'" + (f" ({own})" if own else "")
+        text = entry.describe(model_config)
+    else:
+        own = ", ".join(f"{key} {model_config[key]!r}" for key in entry.config().keys())
+        text = f"'{entry.name}'" + (f" ({own})" if own else "")
+    policy = describe_precision(model_config)
+    return f"{text}; {policy}" if policy else text

@@ -23,7 +23,18 @@ from imgclf_jax.registry import Registry
 DEFAULT_MODEL = "branched_cnn"  # model.name when a config (an old config.json) has none
 
 # The keys every model section has, besides the model's own (their defaults are in imgclf_jax.config).
-COMMON_KEYS = ("name", "l2", "fast_path")
+COMMON_KEYS = ("name", "l2", "fast_path", "compute_dtype", "matmul_precision")
+
+# model.compute_dtype: the dtype of the layers' computation (activations, conv and matmul inputs). The
+# params, their gradients and the optimizer state stay float32 whatever it says (mixed precision:
+# Micikevicius et al. 2018, "Mixed Precision Training"; bfloat16 needs no loss scaling, its exponent
+# range being float32's), BatchNorm's statistics are reduced in float32, and the logits are float32.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# model.matmul_precision: jax.lax.Precision of the convs and dense layers (jax's documentation of
+# lax.Precision): 'default' lets the backend choose (XLA:CPU computes float32 in full float32; on an
+# NVIDIA GPU with tensor cores, A100 / H100 / H200, float32 convs and matmuls run in TensorFloat-32, a
+# 10-bit mantissa); 'highest' asks for full float32 on every backend (slower on a GPU).
+MATMUL_PRECISIONS = ("default", "highest")
 
 MODELS = Registry("model.name")
 
@@ -63,17 +74,22 @@ class ModelEntry:
       module_type: the flax module class that :attr:`create` returns (how :func:`imgclf_jax.models.entry_for`
         finds the entry of a module).
       config: ``() -> ml_collections.ConfigDict`` of the model's own keys with their defaults (flat, one
-        level; not the common keys ``model.name``, ``model.l2``, ``model.fast_path``).
+        level; not the common keys :data:`COMMON_KEYS`).
       validate: ``(model_config, image_size) -> None``; raises ConfigError naming the key
         (``config key 'model.K' must be ..., got V``) for an impossible value.
       create: ``(model_config, num_classes) -> flax module`` whose ``apply(variables, images
         float32[B, H, W, 3], train=bool, rngs={'dropout': key})`` returns float32[B, num_classes] logits.
+        It follows :func:`precision_policy` (its layers' ``dtype`` and ``precision``; params float32).
         A model with state besides its params (BatchNorm's ``batch_stats``) has it in the variables
         ``model.init`` returns, and in training is applied with ``mutable=[those collections]``.
       takes_mask: the module's ``__call__`` takes ``mask=bool[B] | None`` (the batch's real rows; None =
         all): a BatchNorm model computes its training statistics over those rows only, so padding rows
         never enter them. The train step passes ``mask=batch['mask']`` only when this is True (the
         branched CNN: False; the ResNets: True).
+      precision_policy: :attr:`create` follows ``model.compute_dtype`` and ``model.matmul_precision``
+        (:func:`precision_policy`). False (a model registered before the policy existed, or one that
+        does not read them): config.validate refuses any value but 'float32' and 'default', so a
+        bfloat16 setting is never recorded and silently ignored.
       layer_specs: ``(model_config, image_size, num_classes) -> list[LayerSpec]``, the layers of the
         module on image_size x image_size x 3 images; raises ConfigError when the image is too small.
       regularized_kernels: ``(params) -> {layer name: kernel}``, the kernels ``model.l2`` applies to
@@ -94,6 +110,7 @@ class ModelEntry:
     size_keys: tuple[str, ...] = ()
     describe: Callable[[Any], str] | None = None
     takes_mask: bool = False
+    precision_policy: bool = False
 
 
 def register(entry: ModelEntry) -> ModelEntry:
@@ -114,6 +131,32 @@ def params_dict(params: Any) -> Any:
     """The params tree of `params`: the variables ``{'params': {...}, ...}`` (other collections, e.g.
     ``batch_stats``, ignored) or the params tree itself (:func:`as_variables`)."""
     return as_variables(params)["params"]
+
+
+def precision_policy(model_config: Any) -> tuple[Any, Any]:
+    """(dtype, precision) for the model's flax layers, from ``model.compute_dtype`` and ``model.matmul_precision``.
+
+    dtype is ``jnp.float32`` or ``jnp.bfloat16`` (the layers' ``dtype=``; their ``param_dtype`` stays
+    float32); precision is None ('default': the backend's choice) or ``jax.lax.Precision.HIGHEST``.
+    A section without the keys (a run saved before they existed) gets float32 and 'default'.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[str(model_config.get("compute_dtype", "float32"))]
+    precision = {"default": None, "highest": jax.lax.Precision.HIGHEST}[
+        str(model_config.get("matmul_precision", "default"))]
+    return dtype, precision
+
+
+def describe_precision(model_config: Any) -> str:
+    """The policy in a few words for the banner, '' at the defaults (float32, 'default')."""
+    words = []
+    if model_config.get("compute_dtype", "float32") != "float32":
+        words.append(f"compute {model_config.compute_dtype} (params float32)")
+    if model_config.get("matmul_precision", "default") != "default":
+        words.append(f"matmul precision '{model_config.matmul_precision}'")
+    return ", ".join(words)
 
 
 def require(ok: bool, model_config: Any, key: str, what: str) -> None:

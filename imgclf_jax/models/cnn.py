@@ -45,7 +45,7 @@ import numpy as np
 import imgclf_jax.models.fast_path as fast_path_lib
 from imgclf_jax import backend
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models.base import LayerSpec, ModelEntry, params_dict, register, require
+from imgclf_jax.models.base import LayerSpec, ModelEntry, params_dict, precision_policy, register, require
 
 LOGITS = "logits"  # the output layer's name; the one kernel without L2
 PADDINGS = ("same", "valid")  # model.conv_paddings
@@ -115,7 +115,9 @@ class BranchedCNN(nn.Module):
       dense_units: widths of the hidden dense layers of the head.
       dense_dropouts: dropout rate after each hidden dense layer; 0 = none.
       fast_path: use :mod:`imgclf_jax.models.fast_path`'s ops (same values and gradients,
-        faster on CPU); :func:`create_model` decides it from the config and the backend.
+        faster on CPU); :func:`create_model` decides it from the config and the backend (float32 only).
+      dtype: the layers' computation dtype (``model.compute_dtype``); params stay float32.
+      precision: the convs' and dense layers' ``jax.lax.Precision`` (None: the backend's default).
     """
 
     num_classes: int
@@ -130,6 +132,8 @@ class BranchedCNN(nn.Module):
     dense_units: Sequence[int] = (256,)
     dense_dropouts: Sequence[float] = (0.0,)
     fast_path: bool = False
+    dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -141,9 +145,10 @@ class BranchedCNN(nn.Module):
             (``model.apply(variables, x, train=True, rngs={'dropout': key})``).
 
         Returns:
-          float32[B, num_classes] logits (no softmax).
+          float32[B, num_classes] logits (no softmax), whatever ``dtype`` computes them.
         """
         images = jnp.asarray(images, jnp.float32)
+        layer = dict(dtype=self.dtype, precision=self.precision, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT)
         x = images
         layers = zip(self.conv_filters, self.conv_kernel_sizes, self.conv_paddings,
                      self.conv_pools, self.conv_dropouts)
@@ -152,7 +157,7 @@ class BranchedCNN(nn.Module):
                 x = ConvReluMaxPool(filters, kernel, padding.upper(), name=f"conv_{i}")(x)
             else:
                 x = nn.Conv(filters, (kernel, kernel), strides=(1, 1), padding=padding.upper(),
-                            kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"conv_{i}")(x)
+                            name=f"conv_{i}", **layer)(x)
                 x = nn.relu(x)
                 if pool:
                     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -162,8 +167,8 @@ class BranchedCNN(nn.Module):
 
         if self.side_filters > 0:
             k, p = self.side_kernel_size, self.side_pool_size
-            s = nn.Conv(self.side_filters, (k, k), strides=(1, 1), padding="SAME",
-                        kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name="side_conv")(images)
+            s = nn.Conv(self.side_filters, (k, k), strides=(1, 1), padding="SAME", name="side_conv",
+                        **layer)(images)
             s = nn.relu(s)
             if self.fast_path:
                 s = fast_path_lib.avg_pool(s, p)
@@ -172,12 +177,11 @@ class BranchedCNN(nn.Module):
             x = jnp.concatenate([x, s.reshape((s.shape[0], -1))], axis=-1)
 
         for i, (units, rate) in enumerate(zip(self.dense_units, self.dense_dropouts)):
-            x = nn.Dense(units, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT, name=f"dense_{i}")(x)
+            x = nn.Dense(units, name=f"dense_{i}", **layer)(x)
             x = nn.relu(x)
             if _has_dropout(rate):
                 x = self._dropout(rate, f"dense_dropout_{i}")(x, deterministic=not train)
-        return nn.Dense(self.num_classes, kernel_init=_KERNEL_INIT, bias_init=_BIAS_INIT,
-                        name=LOGITS)(x)
+        return nn.Dense(self.num_classes, name=LOGITS, **layer)(x).astype(jnp.float32)
 
     def _dropout(self, rate: Any, name: str) -> nn.Module:
         """The dropout layer `name`: :class:`FastDropout` on the fast path or for an array rate (a swept
@@ -206,9 +210,12 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
     """Builds the :class:`BranchedCNN` of a config's ``model`` section for `num_classes` classes.
 
     ``model.fast_path`` ('auto' when absent, as in runs saved before it existed) is
-    resolved here, by :func:`imgclf_jax.backend.enabled`, for the current backend.
+    resolved here, by :func:`imgclf_jax.backend.enabled`, for the current backend; its kernels are
+    float32, so ``model.compute_dtype='bfloat16'`` turns 'auto' off (config.validate refuses 'on').
+    ``model.compute_dtype`` and ``model.matmul_precision``: :func:`imgclf_jax.models.base.precision_policy`.
     """
     m = model_config
+    dtype, precision = precision_policy(m)
     return BranchedCNN(
         num_classes=int(num_classes),
         conv_filters=tuple(int(f) for f in m.conv_filters),
@@ -221,7 +228,9 @@ def create_model(model_config: Any, num_classes: int) -> BranchedCNN:
         side_pool_size=int(m.side_pool_size),
         dense_units=tuple(int(u) for u in m.dense_units),
         dense_dropouts=tuple(_rate(r) for r in m.dense_dropouts),
-        fast_path=backend.enabled(str(m.get("fast_path", "auto"))),
+        fast_path=backend.enabled(str(m.get("fast_path", "auto"))) and dtype == jnp.float32,
+        dtype=dtype,
+        precision=precision,
     )
 
 
@@ -373,4 +382,5 @@ ENTRY = register(ModelEntry(
     regularized_kernels=regularized_kernels,
     size_keys=("conv_filters", "dense_units"),
     describe=describe,
+    precision_policy=True,
 ))

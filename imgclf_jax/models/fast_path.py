@@ -316,4 +316,4 @@ def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
     """
     keep_prob = 1.0 - rate
     keep = lax.optimization_barrier(bernoulli(key, keep_prob, x.shape))
-    return lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    return lax.select(keep, (x / keep_prob).astype(x.dtype), jnp.zeros_like(x))

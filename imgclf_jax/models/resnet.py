@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from imgclf_jax.errors import ConfigError
-from imgclf_jax.models.base import LayerSpec, ModelEntry, params_dict, register, require
+from imgclf_jax.models.base import LayerSpec, ModelEntry, params_dict, precision_policy, register, require
 
 LOGITS = "logits"
 STEM_POOLS = ("none", "max")  # model.stem_pool
@@ -73,18 +73,22 @@ POOLS = ("avg", "max")  # model.pool
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
-    """A bias-free k x k conv with stride `stride` and symmetric k // 2 padding (output ceil(H / stride))."""
+def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any = jnp.float32,
+          precision: Any = None) -> nn.Conv:
+    """A bias-free k x k conv with stride `stride` and symmetric k // 2 padding (output ceil(H / stride)),
+    computing in `dtype` at `precision` (float32 params)."""
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                   use_bias=False, kernel_init=_CONV_INIT, name=name)
+                   use_bias=False, kernel_init=_CONV_INIT, dtype=dtype, precision=precision, name=name)
 
 
 def _batch_norm(x: jax.Array, *, train: bool, mask: jax.Array | None, momentum: float, epsilon: float,
-                name: str, zero_scale: bool = False) -> jax.Array:
-    """``nn.BatchNorm`` on x float32[B, H, W, C]: batch statistics over the rows where `mask` (bool[B]) is
-    True when `train`, the running averages otherwise. Call inside a compact method (the caller owns it)."""
-    bn = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon,
+                name: str, zero_scale: bool = False, dtype: Any = jnp.float32) -> jax.Array:
+    """``nn.BatchNorm`` on x float[B, H, W, C]: batch statistics over the rows where `mask` (bool[B]) is
+    True when `train`, the running averages otherwise; output in `dtype` (the statistics are reduced
+    in float32 and kept float32 whatever `dtype` is: flax's ``force_float32_reductions``). Call inside a
+    compact method (the caller owns it)."""
+    bn = nn.BatchNorm(use_running_average=not train, momentum=momentum, epsilon=epsilon, dtype=dtype,
                       scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones, name=name)
     if mask is None or not train:
         return bn(x)
@@ -103,18 +107,21 @@ class BasicBlock(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         norm = functools.partial(_batch_norm, train=train, mask=mask, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon)
-        y = _conv(self.features, 3, self.stride, "conv1")(x)
+                                 epsilon=self.bn_epsilon, dtype=self.dtype)
+        conv = functools.partial(_conv, dtype=self.dtype, precision=self.precision)
+        y = conv(self.features, 3, self.stride, "conv1")(x)
         y = nn.relu(norm(y, name="bn1"))
-        y = _conv(self.features, 3, 1, "conv2")(y)
+        y = conv(self.features, 3, 1, "conv2")(y)
         y = norm(y, name="bn2", zero_scale=self.zero_init_residual)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.features:
-            shortcut = norm(_conv(self.features, 1, self.stride, "proj_conv")(x), name="proj_bn")
+            shortcut = norm(conv(self.features, 1, self.stride, "proj_conv")(x), name="proj_bn")
         return nn.relu(y + shortcut)
 
 
@@ -135,6 +142,9 @@ class ResNet(nn.Module):
       bn_momentum: running = momentum * running + (1 - momentum) * batch (flax convention).
       bn_epsilon: added to the variance.
       zero_init_residual: the last BN scale of each block starts at 0 (each block starts as its shortcut).
+      dtype: the layers' computation dtype (``model.compute_dtype``); params and BatchNorm statistics
+        stay float32, the logits are float32.
+      precision: the convs' and the dense layer's ``jax.lax.Precision`` (None: the backend's default).
     """
 
     num_classes: int
@@ -150,6 +160,8 @@ class ResNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     zero_init_residual: bool = False
+    dtype: Any = jnp.float32
+    precision: Any = None
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
@@ -166,17 +178,19 @@ class ResNet(nn.Module):
           float32[B, num_classes] logits (no softmax).
         """
         norm = functools.partial(_batch_norm, train=train, mask=mask, momentum=self.bn_momentum,
-                                 epsilon=self.bn_epsilon)
+                                 epsilon=self.bn_epsilon, dtype=self.dtype)
+        conv = functools.partial(_conv, dtype=self.dtype, precision=self.precision)
         block = functools.partial(BasicBlock, bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon,
-                                  zero_init_residual=self.zero_init_residual)
+                                  zero_init_residual=self.zero_init_residual, dtype=self.dtype,
+                                  precision=self.precision)
         x = jnp.asarray(images, jnp.float32)
-        x = _conv(self.stem_width, self.stem_kernel, self.stem_stride, "stem_conv")(x)
+        x = conv(self.stem_width, self.stem_kernel, self.stem_stride, "stem_conv")(x)
         x = nn.relu(norm(x, name="stem_bn"))
         if self.stem_pool == "max":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding="SAME")
         for i, (width, depth, stride) in enumerate(zip(self.widths, self.depths, self.strides)):
             if self.downsample == "max_pool":
-                x = nn.relu(norm(_conv(width, 3, 1, f"stage{i}_conv")(x), name=f"stage{i}_bn"))
+                x = nn.relu(norm(conv(width, 3, 1, f"stage{i}_conv")(x), name=f"stage{i}_bn"))
                 if stride > 1:
                     x = nn.max_pool(x, (stride, stride), strides=(stride, stride), padding="VALID")
                 for j in range(depth):
@@ -186,7 +200,8 @@ class ResNet(nn.Module):
                     x = block(width, stride if j == 0 else 1, name=f"stage{i}_block{j}")(
                         x, train=train, mask=mask)
         x = jnp.mean(x, axis=(1, 2)) if self.pool == "avg" else jnp.max(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name=LOGITS)(x)
+        return nn.Dense(self.num_classes, dtype=self.dtype, precision=self.precision, name=LOGITS)(x).astype(
+            jnp.float32)
 
 
 # The named variants, flax examples style (``ResNet18 = partial(ResNet, ...)``); each is a registered entry
@@ -210,7 +225,7 @@ ResNet9 = functools.partial(ResNet, stem_width=64, stem_kernel=3, stem_stride=1,
 VARIANTS = {"resnet": ResNetSmall, "resnet18": ResNet18, "resnet9": ResNet9}
 
 KEYS = tuple(f.name for f in dataclasses.fields(ResNet)
-             if f.name not in ("num_classes", "parent", "name"))
+             if f.name not in ("num_classes", "parent", "name", "dtype", "precision"))
 
 
 def _defaults(variant: functools.partial) -> dict[str, Any]:
@@ -228,6 +243,7 @@ def create_model(model_config: Any, num_classes: int) -> ResNet:
     """
     m = model_config
     _check_fast_path(m)
+    dtype, precision = precision_policy(m)
     return ResNet(
         num_classes=int(num_classes),
         stem_width=int(m.stem_width), stem_kernel=int(m.stem_kernel), stem_stride=int(m.stem_stride),
@@ -237,6 +253,7 @@ def create_model(model_config: Any, num_classes: int) -> ResNet:
         downsample=str(m.downsample), pool=str(m.pool),
         bn_momentum=float(m.bn_momentum), bn_epsilon=float(m.bn_epsilon),
         zero_init_residual=bool(m.zero_init_residual),
+        dtype=dtype, precision=precision,
     )
 
 
@@ -405,5 +422,6 @@ ENTRIES = {name: register(ModelEntry(
     size_keys=("stem_width", "widths", "depths"),
     describe=describe,
     takes_mask=True,
+    precision_policy=True,
 )) for name in VARIANTS}
 

@@ -18,7 +18,8 @@ MANIFEST_NAME = "imgclf_manifest.json"
 _CHUNK = 1 << 20
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The hex sha256 of the file at `path`, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -46,7 +47,7 @@ def write(folder: str) -> None:
     Raises:
       OSError: the folder cannot be read or the manifest written (e.g. ENOSPC).
     """
-    files = {rel: [os.path.getsize(os.path.join(folder, rel)), _sha256(os.path.join(folder, rel))]
+    files = {rel: [os.path.getsize(os.path.join(folder, rel)), sha256_file(os.path.join(folder, rel))]
              for rel in _files(folder)}
     path = os.path.join(folder, MANIFEST_NAME)
     tmp = f"{path}.tmp"
@@ -92,6 +93,6 @@ def verify(folder: str) -> str | None:
         size = os.path.getsize(full)
         if size != expected[0]:
             return f"file '{rel}' has {size} bytes, {expected[0]} expected"
-        if _sha256(full) != expected[1]:
+        if sha256_file(full) != expected[1]:
             return f"file '{rel}' differs from its checksum"
     return None

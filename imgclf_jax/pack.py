@@ -36,6 +36,7 @@ import tarfile
 import uuid
 
 from imgclf_jax import cli
+from imgclf_jax.manifest import sha256_file
 from imgclf_jax.data.packed import PACK_NAME, PACKED_NAME, VERSION, is_packed, read_manifest
 from imgclf_jax.errors import ConfigError, DataError
 
@@ -167,14 +168,6 @@ def write_pack(data_config, out_dir: str, part_bytes: int) -> dict:
     return pack
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_pack(parts_dir: str, data_dir: str) -> dict:
     """Checks the parts in `parts_dir` against its ``pack.json`` and unpacks them into `data_dir`.
 
@@ -198,7 +191,7 @@ def read_pack(parts_dir: str, data_dir: str) -> dict:
         if size != part["bytes"]:
             raise DataError(f"part '{path}' has {size:,} bytes, {part['bytes']:,} expected (cut short in transfer?); "
                             "nothing written")
-        if _sha256(path) != part["sha256"]:
+        if sha256_file(path) != part["sha256"]:
             raise DataError(f"part '{path}' does not match its sha256 in {PACK_NAME} (changed in transfer?); "
                             "nothing written")
         paths.append(path)

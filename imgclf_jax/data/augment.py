@@ -64,6 +64,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import scipy.ndimage as ndi
 
+from imgclf_jax.data import device_ops  # the ops' JAX halves (jax is imported only when they run)
 from imgclf_jax.errors import ConfigError
 from imgclf_jax.registry import Registry, is_default
 
@@ -128,13 +129,25 @@ class AugmentOp:
       apply: ``apply(image float32[H, W, 3] in [0, 255], rng, settings) -> float32[H', W', 3]``
         in [0, 255], where ``settings`` is ``{key: value}`` of the op's keys; called only when
         some key differs from its default. All randomness must come from ``rng`` (numpy).
+        For an op built by :func:`drawn_op` it is ``apply_drawn(image, draw(rng, ...), settings)``.
       check: ``check(settings)`` raising ConfigError naming ``augment.KEY`` for a value out of
         range; None = every value of the right type is valid.
+      draw: for an op that can also run on the accelerator (``data.augment_on='device'``):
+        ``draw(rng, settings, height, width) -> float64[num_params]``, every random number the op
+        uses for one image (the same draws, in the same order, as its host ``apply``); None = a
+        host-only op, which ``data.augment_on='device'`` refuses.
+      num_params: the length of ``draw``'s vector.
+      device: ``device(image float32[H, W, 3], params float32[num_params], settings) -> float32[H, W, 3]``,
+        a pure JAX function of one image (:mod:`imgclf_jax.data.device_augment` maps it over the
+        batch under ``jax.jit``); the same result as the host op to float tolerance.
     """
 
     defaults: Mapping[str, Any]
     apply: OpFn
     check: Callable[[Mapping[str, Any]], None] | None = None
+    draw: Callable[..., np.ndarray] | None = None
+    num_params: int = 0
+    device: Callable[..., Any] | None = None
 
     def is_active(self, settings: Mapping[str, Any]) -> bool:
         """Whether the op runs: some key of the op differs from its default; an op without keys
@@ -142,6 +155,32 @@ class AugmentOp:
         if not self.defaults:
             return True
         return any(not is_default(settings[k], d) for k, d in self.defaults.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class _DrawThenApply:
+    """The host ``apply`` of a :func:`drawn_op`: draw the parameters, then apply them (picklable for
+    grain's worker processes, unlike a closure)."""
+
+    draw: Callable[..., np.ndarray]
+    apply_drawn: Callable[..., np.ndarray]
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
+        return self.apply_drawn(image, self.draw(rng, settings, *image.shape[:2]), settings)
+
+
+def drawn_op(defaults: Mapping[str, Any], draw: Callable[..., np.ndarray], num_params: int,
+             apply_drawn: Callable[..., np.ndarray], device: Callable[..., Any],
+             check: Callable[[Mapping[str, Any]], None] | None = None) -> AugmentOp:
+    """An op that runs on the host or the accelerator with the same draws (see :class:`AugmentOp`).
+
+    Args:
+      defaults, check: as in :class:`AugmentOp`.
+      draw: ``(rng, settings, height, width) -> float64[num_params]``.
+      apply_drawn: host, ``(image float32[H, W, 3], params float64[num_params], settings) -> image``.
+      device: JAX, ``(image float32[H, W, 3], params float32[num_params], settings) -> image``.
+    """
+    return AugmentOp(defaults, _DrawThenApply(draw, apply_drawn), check, draw, num_params, device)
 
 
 AUGMENT_OPS = Registry("augment.ops")
@@ -158,8 +197,10 @@ def _check_keras_affine(s: Mapping[str, Any]) -> None:
     _need(0 <= s["zoom_fraction"] < 1, "zoom_fraction", "in [0, 1)", s["zoom_fraction"])
 
 
-def keras_affine(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
-    """Keras's random affine warp (module docstring), ``float32[H, W, 3]`` -> same shape.
+def draw_keras_affine(rng: np.random.Generator, settings: Mapping[str, Any], height: int,
+                      width: int) -> np.ndarray:
+    """Draws one image's Keras warp (module docstring): ``float64[6]``, the top two rows of
+    :func:`affine_matrix` (row-major), mapping output (row, col, 1) to the source (row, col).
 
     Settings: ``rotation_deg`` r (angle uniform in [-r, r] degrees), ``shift_fraction`` s (row and
     column shifts each uniform in [-s, s] x the image height / width), ``zoom_fraction`` z (row
@@ -167,12 +208,23 @@ def keras_affine(image: np.ndarray, rng: np.random.Generator, settings: Mapping[
     non-zero ranges: theta, the row shift, the column shift, the two zoom factors.
     """
     r, s, z = settings["rotation_deg"], settings["shift_fraction"], settings["zoom_fraction"]
-    height, width = image.shape[:2]
     theta = rng.uniform(-r, r) if r else 0.0
     shift_rows = rng.uniform(-s, s) * height if s else 0.0
     shift_cols = rng.uniform(-s, s) * width if s else 0.0
     zoom_rows, zoom_cols = rng.uniform(1 - z, 1 + z, 2) if z else (1.0, 1.0)
-    return warp(image, affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width))
+    return affine_matrix(theta, shift_rows, shift_cols, zoom_rows, zoom_cols, height, width)[:2].reshape(6)
+
+
+def apply_keras_affine(image: np.ndarray, params: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
+    """The drawn warp on the host (scipy, :func:`warp`), ``float32[H, W, 3]`` -> same shape."""
+    del settings
+    return warp(image, np.vstack([np.reshape(params, (2, 3)), [0.0, 0.0, 1.0]]))
+
+
+def keras_affine(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
+    """Keras's random affine warp (module docstring), ``float32[H, W, 3]`` -> same shape:
+    :func:`draw_keras_affine`, then :func:`apply_keras_affine`."""
+    return apply_keras_affine(image, draw_keras_affine(rng, settings, *image.shape[:2]), settings)
 
 
 CROP_PADDING_MODES = ("reflect", "edge", "constant")  # numpy.pad modes; 'constant' pads zeros (black)
@@ -189,35 +241,65 @@ def _check_random_crop(s: Mapping[str, Any]) -> None:
                           "mode at 'reflect'")
 
 
+def draw_random_crop(rng: np.random.Generator, settings: Mapping[str, Any], height: int,
+                     width: int) -> np.ndarray:
+    """Draws one image's crop offset: ``float64[2]`` = (top, left) in the padded image, each uniform
+    in {0, ..., 2p} (one draw, ``rng.integers(0, 2 * p + 1, size=2)``); (p, p) is the image itself."""
+    del height, width
+    p = settings["crop_padding"]
+    return rng.integers(0, 2 * p + 1, size=2).astype(np.float64)
+
+
+def apply_random_crop(image: np.ndarray, params: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
+    """The drawn crop on the host: ``np.pad`` by p with ``crop_padding_mode``, then the ``[H, W]``
+    window at (top, left) = `params`."""
+    p = settings["crop_padding"]
+    height, width = image.shape[:2]
+    top, left = (int(v) for v in params)
+    padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode=settings["crop_padding_mode"])
+    return padded[top:top + height, left:left + width]
+
+
 def random_crop(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
     """Pads each side by p = ``crop_padding`` pixels and crops back to ``[H, W]`` at a random offset.
 
     ``float32[H, W, 3]`` in [0, 255] -> the same shape and range. Padding is
     ``np.pad(image, ((p, p), (p, p), (0, 0)), mode)`` with ``crop_padding_mode`` 'reflect'
     (mirrored without repeating the edge pixel: ``[a b c]`` -> ``[c b | a b c | b a]`` for p=2),
-    'edge' (the edge pixel repeated) or 'constant' (zeros, black). One draw,
-    ``rng.integers(0, 2 * p + 1, size=2)``: the (row, column) offset of the crop in the padded
-    image, each uniform in {0, ..., 2p}; offset (p, p) is the image itself. So the content moves
-    by up to p pixels in each axis, independently.
+    'edge' (the edge pixel repeated) or 'constant' (zeros, black). One draw
+    (:func:`draw_random_crop`): the (row, column) offset of the crop in the padded image, each
+    uniform in {0, ..., 2p}; offset (p, p) is the image itself. So the content moves by up to p
+    pixels in each axis, independently.
     """
-    p = settings["crop_padding"]
-    height, width = image.shape[:2]
-    top, left = rng.integers(0, 2 * p + 1, size=2)
-    padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode=settings["crop_padding_mode"])
-    return padded[top:top + height, left:left + width]
+    return apply_random_crop(image, draw_random_crop(rng, settings, *image.shape[:2]), settings)
+
+
+def draw_horizontal_flip(rng: np.random.Generator, settings: Mapping[str, Any], height: int,
+                         width: int) -> np.ndarray:
+    """Draws one image's flip: ``float64[1]``, 1.0 (flip) with probability 0.5 (``rng.random() < 0.5``)."""
+    del settings, height, width
+    return np.array([1.0 if rng.random() < 0.5 else 0.0])
+
+
+def apply_horizontal_flip(image: np.ndarray, params: np.ndarray, settings: Mapping[str, Any]) -> np.ndarray:
+    """The drawn flip on the host: the columns reversed when ``params[0]`` is 1."""
+    del settings
+    return image[:, ::-1] if params[0] else image
 
 
 def horizontal_flip(image: np.ndarray, rng: np.random.Generator, settings: Mapping[str, Any]) -> np.ndarray:
     """Reverses the columns with probability 0.5 (one draw, ``rng.random() < 0.5``); shape unchanged."""
-    del settings  # called only when augment.horizontal_flip is True
-    return image[:, ::-1] if rng.random() < 0.5 else image
+    return apply_horizontal_flip(image, draw_horizontal_flip(rng, settings, *image.shape[:2]), settings)
 
 
-AUGMENT_OPS.register("keras_affine", AugmentOp(
-    {"rotation_deg": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0}, keras_affine, _check_keras_affine))
-AUGMENT_OPS.register("horizontal_flip", AugmentOp({"horizontal_flip": False}, horizontal_flip))
-AUGMENT_OPS.register("random_crop", AugmentOp(
-    {"crop_padding": 0, "crop_padding_mode": "reflect"}, random_crop, _check_random_crop))
+AUGMENT_OPS.register("keras_affine", drawn_op(
+    {"rotation_deg": 0.0, "shift_fraction": 0.0, "zoom_fraction": 0.0}, draw_keras_affine, 6,
+    apply_keras_affine, device_ops.keras_affine, _check_keras_affine))
+AUGMENT_OPS.register("horizontal_flip", drawn_op(
+    {"horizontal_flip": False}, draw_horizontal_flip, 1, apply_horizontal_flip, device_ops.horizontal_flip))
+AUGMENT_OPS.register("random_crop", drawn_op(
+    {"crop_padding": 0, "crop_padding_mode": "reflect"}, draw_random_crop, 2, apply_random_crop,
+    device_ops.random_crop, _check_random_crop))
 
 
 def op_defaults() -> dict[str, Any]:
@@ -280,6 +362,36 @@ class AugmentParams:
     def active(self) -> bool:
         """Whether augmentation changes anything (some listed op is on)."""
         return bool(self._steps)
+
+    @property
+    def steps(self) -> tuple[tuple[AugmentOp, dict], ...]:
+        """The ops that are on, in order: ``(entry, {key: value} of its keys)`` each."""
+        return self._steps
+
+    @property
+    def num_params(self) -> int:
+        """Length of one image's drawn parameter vector (every op on, concatenated in order)."""
+        return sum(entry.num_params for entry, _ in self._steps)
+
+    def host_only_ops(self) -> list[str]:
+        """Names of the ops that are on and have no device half (``AugmentOp.draw`` is None)."""
+        return [name for name in self.ops for entry, _ in self._steps
+                if AUGMENT_OPS[name] is entry and entry.draw is None]
+
+    def draw(self, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+        """``float32[num_params]``: one image's draws for every op that is on, in order, from `rng`
+        (the same numbers, in the same order, as :func:`random_augment` draws for that image).
+
+        Raises:
+          ConfigError: an op that is on has no device half (:meth:`host_only_ops`).
+        """
+        parts = []
+        for entry, settings in self._steps:
+            if entry.draw is None:
+                raise ConfigError(f"config key 'data.augment_on' is 'device' but augment.ops has host-only "
+                                  f"op(s) {', '.join(self.host_only_ops())}: set --config.data.augment_on=host")
+            parts.append(np.asarray(entry.draw(rng, settings, height, width), np.float64).reshape(entry.num_params))
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, AugmentParams) and (self.ops, self.settings) == (other.ops, other.settings)

@@ -95,6 +95,7 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
     shown = [f"{name} {int(n):,}" for name, n in zip(data.class_names, counts)]
     if len(shown) > MAX_CLASSES_SHOWN:
         shown = shown[:MAX_CLASSES_SHOWN] + [f"... ({len(shown) - MAX_CLASSES_SHOWN} more)"]
+    from imgclf_jax.data import placement
     from imgclf_jax.ensemble import population
 
     k = population.population_size(config)
@@ -107,7 +108,7 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
         f"  classes ({data.num_classes}; train rows each): {', '.join(shown)}",
         f"  images {d.image_size}x{d.image_size} RGB; model {describe_model(config.model)}, {num_params:,} params"
         f"{members}; batch {config.train.batch_size} on {len(devices)} device(s){_processes(devices)} ({device_text}; "
-        f"{per_device} each)",
+        f"{per_device} each); {placement.describe(config)}",
         *([recipe] if (recipe := recipe_line(config)) else []),
         f"  workdir {workdir}: {start}",
     ])

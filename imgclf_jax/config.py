@@ -66,6 +66,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.split_seed = 0  # seed of that held-out split and of the subsets (not `seed`: stays fixed)
     c.data.class_repeats = ()  # per-class repeat factor per epoch, e.g. (2, 2, 2, 2, 3); () = 1 each
     c.data.num_workers = 0  # grain worker processes (0 = in the main process); never changes batches
+    # Where the augment ops run (imgclf_jax.data.device_augment): 'host' (scipy, grain threads), 'device'
+    # (jitted JAX on the accelerator, the same per-image draws), or 'auto': host on CPU, device on GPU/TPU.
+    c.data.augment_on = "auto"
+    # True: the training split lives in device memory (uint8 at data.image_size), batches carry only rows
+    # and draws; needs device augmentation (augment_on 'auto' or 'device'); memory is checked first.
+    c.data.on_device = False
 
     from imgclf_jax.data import augment  # its op table supplies the augment keys
 
@@ -636,6 +642,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(all(isinstance(r, int) and r >= 1 for r in d.class_repeats), "data.class_repeats",
          "a tuple of ints >= 1")
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
+    from imgclf_jax.data import placement
+
+    need(d.augment_on in placement.AUGMENT_ON, "data.augment_on", f"one of {placement.AUGMENT_ON}")
+    need(isinstance(d.on_device, bool), "data.on_device", "true or false")
+    need(not (d.on_device and d.augment_on == "host"), "data.augment_on",
+         "'device' or 'auto' with data.on_device=true (the training images live on the device)")
     check_normalization(d)
     validate_recipe(config)
     _check_model_keys(m)
@@ -700,7 +712,13 @@ def validate_recipe(config: ml_collections.ConfigDict) -> None:
     from imgclf_jax import batch_transforms, eval_transforms, losses
     from imgclf_jax.data import augment
 
-    augment.AugmentParams(**config.augment.to_dict())
+    recipe = augment.AugmentParams(**config.augment.to_dict())
+    host_only = recipe.host_only_ops()
+    if host_only and (config.data.get("augment_on") == "device" or config.data.get("on_device")):
+        key = "data.on_device" if config.data.get("on_device") else "data.augment_on"
+        raise ConfigError(f"config key '{key}' asks for augmentation on the device, but augment.ops has "
+                          f"host-only op(s) {', '.join(host_only)} (no AugmentOp.draw/device): use "
+                          "--config.data.augment_on=host --config.data.on_device=false, or give the op a device half")
     loss = losses.LOSSES.get(config.loss.name)
     for name in losses.LOSSES:
         losses.LOSSES[name].validate(config.loss)

@@ -16,7 +16,7 @@ import os
 import ml_collections
 
 from imgclf_jax import distributed, driver, memory, parallel, report, steps, workdir_lock
-from imgclf_jax.data import pipeline, splits
+from imgclf_jax.data import device_augment, pipeline, splits
 from imgclf_jax.ensemble import population
 from imgclf_jax.ensemble.job import EnsembleJob
 from imgclf_jax.job import RunParts
@@ -53,8 +53,10 @@ def prepare_run(config: ml_collections.ConfigDict, workdir: str, overwrite: bool
     mesh = parallel.make_mesh(config.train.batch_size)
     member = memory.member_memory(model, tx, config.model.l2, config.data.image_size,
                                   config.train.batch_size // mesh.size, config.train.ema_decay)
+    data_bytes = (device_augment.table_bytes(len(data.train), config.data.image_size)
+                  if config.data.get("on_device", False) else 0)
     figures = memory.check_fits(member, population.population_size(config), bool(config.train.early_stopping.monitor),
-                                parallel.local_devices(mesh), config.data.image_size)
+                                parallel.local_devices(mesh), config.data.image_size, data_bytes)
     report.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     return RunParts(data=data, model=model, tx=tx, schedule=schedule, mesh=mesh, memory=figures,
                     loss_fn=loss_fn, batch_transform=batch_transform, eval_transform=eval_transform)

@@ -121,10 +121,12 @@ def available_bytes(devices) -> tuple[int | None, str]:
 
 
 def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices,
-               image_size: int | None = None) -> dict:
+               image_size: int | None = None, data_bytes: int = 0) -> dict:
     """Raises ConfigError when `num_members` members cannot fit; returns the figures otherwise.
 
     A plain run is ``num_members=1``. `image_size` (pixels) is only quoted in the message.
+    `data_bytes`: the training split held on every device (``data.on_device``:
+    :func:`imgclf_jax.data.device_augment.table_bytes`), added to the need; 0 = none.
 
     Raises:
       ConfigError: the estimate (:func:`ensemble_need_bytes`) exceeds what :func:`available_bytes` reports.
@@ -132,12 +134,21 @@ def check_fits(member: MemberMemory, num_members: int, keeps_best: bool, devices
         member does; else the batch size (the step's temporaries grow about linearly with it; the
         message says about which per-device batch would fit), the image size or the model.
     """
-    need = ensemble_need_bytes(member, num_members, keeps_best)
+    need = ensemble_need_bytes(member, num_members, keeps_best) + data_bytes
     free, what = available_bytes(devices)
     figures = {"member": member.as_dict(), "num_members": num_members, "need_bytes": need,
-               "available_bytes": free, "available": what}
+               "available_bytes": free, "available": what, "data_bytes": data_bytes}
     if free is None or need <= free:
         return figures
+    if data_bytes and need - data_bytes <= free:
+        raise ConfigError(f"data.on_device=true puts the training split on every device ({data_bytes / GIB:.2f} "
+                          f"GiB as uint8), which with training's {(need - data_bytes) / GIB:.2f} GiB needs "
+                          f"{need / GIB:.2f} GiB per device but only {free / GIB:.2f} GiB is free ({what}): "
+                          "set --config.data.on_device=false (batches then come from the host), or a smaller "
+                          "data.image_size or data.max_train_examples")
+    if data_bytes:  # the advice below is about training's own share
+        need, free = need - data_bytes, free - data_bytes
+        what += f", less {data_bytes / GIB:.2f} GiB for the training split on the device (data.on_device)"
     per = ensemble_need_bytes(member, 1, keeps_best)
     best = member.params + member.model_state
     parts = (f"params {member.params / GIB:.2f}, optimizer state {member.opt_state / GIB:.2f}, "

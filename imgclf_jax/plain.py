@@ -18,7 +18,7 @@ import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import distributed, parallel, report, steps
-from imgclf_jax.data import pipeline
+from imgclf_jax.data import device_augment, pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.errors import TrainingError
 from imgclf_jax.evaluation import evaluate, labelled_accuracy
@@ -51,6 +51,7 @@ class PlainJob(Job):
         self.eval_step = steps.jit_eval_step(model, config.model.l2, mesh, loss_fn=parts.loss_fn,
                                              eval_transform=parts.eval_transform)
         self.train = pipeline.train_pipeline(parts.data.train, config, shard=distributed.share())
+        self.device_stage = device_augment.stage_for(self.train, parts.data.train, config, mesh)
         es = config.train.early_stopping
         self.stopper = EarlyStopping(es.monitor, es.patience)
         self.keeps_best = self.stopper.restores_best
@@ -93,7 +94,10 @@ class PlainJob(Job):
     # ----------------------------------------------------------------- steps
 
     def step(self, state, batch):
-        return self.train_step(state, parallel.shard_batch(batch, self.parts.mesh), self.dropout_key)
+        batch = parallel.shard_batch(batch, self.parts.mesh)
+        if self.device_stage is not None:  # data.augment_on='device': pixels and draws -> the step's batch
+            batch = self.device_stage(batch)
+        return self.train_step(state, batch, self.dropout_key)
 
     def accumulate(self, progress, metrics, global_step: int, batch_index: int) -> dict:
         values = _check_finite(metrics, global_step, progress.epoch, batch_index, self.workdir)
@@ -170,6 +174,8 @@ class PlainJob(Job):
                                    if timing["train_seconds"] else None),
             "wall_seconds": sum(h["seconds"] for h in history),
             "devices": [str(d) for d in mesh.devices.flat],
+            "augment_on": self.train.augment_on,  # data.augment_on as resolved on this backend
+            "data_on_device": self.train.on_device,
             "num_train_examples": len(data.train),
             "num_val_examples": len(data.validation),
         }

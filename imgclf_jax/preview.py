@@ -24,7 +24,8 @@ import os
 import numpy as np
 
 from imgclf_jax import cli, distributed
-from imgclf_jax.data import pipeline, splits
+from imgclf_jax.data import device_augment, pipeline, splits
+from imgclf_jax.data.augment import AugmentParams
 from imgclf_jax.errors import ConfigError
 
 
@@ -33,13 +34,19 @@ def epoch_class_counts(train: pipeline.TrainPipeline, labels: np.ndarray, num_cl
     return np.bincount(labels[train.epoch_rows(epoch)], minlength=num_classes)
 
 
-def first_images(train: pipeline.TrainPipeline, epoch: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+def first_images(train: pipeline.TrainPipeline, epoch: int, count: int,
+                 stage: device_augment.DeviceStage | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` real rows of an epoch: (float32[n, H, W, 3] as the model gets them: in [0, 1], or
-    normalized when data.channel_mean/std are set (main undoes that for display), int32[n] labels)."""
+    normalized when data.channel_mean/std are set (main undoes that for display), int32[n] labels).
+
+    `stage`: the device half of a pipeline with ``augment_on='device'`` (its batches hold uint8 pixels and
+    draws; the stage makes the model's batch, on the default device); None for a host pipeline."""
     images, labels = [], []
     start = epoch * train.steps_per_epoch
     needed = math.ceil(count / train.batch_size)
     for batch in train.batches(start, min(start + needed, (epoch + 1) * train.steps_per_epoch)):
+        if stage is not None:
+            batch = {key: np.asarray(value) for key, value in stage(batch).items()}
         images.append(batch["image"][batch["mask"]])
         labels.append(batch["label"][batch["mask"]])
     return np.concatenate(images)[:count], np.concatenate(labels)[:count]
@@ -79,10 +86,14 @@ def write_grid(data: splits.RunData, config, epoch: int, num_images: int, name: 
     Returns (the images, float32[n, H, W, 3] in [0, 1]; int64[num_classes] class counts of the epoch;
     the training pipeline).
     """
-    train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1)
+    train = pipeline.train_pipeline(data.train, config, num_epochs=epoch + 1, on_device=False)  # the pixels
     counts = epoch_class_counts(train, data.train.labels, data.num_classes, epoch)
-    images, labels = first_images(train, epoch, num_images)
     norm = pipeline.normalization(config.data)
+    stage = None
+    if train.augment_on == "device":  # the same images training gets from its device stage
+        stage = device_augment.DeviceStage(AugmentParams(**config.augment.to_dict()),
+                                           *(norm if norm is not None else (None, None)))
+    images, labels = first_images(train, epoch, num_images, stage)
     if norm is not None:  # show the pixels, not the model's normalized input
         images = images * norm[1] + norm[0]
     count_text = ", ".join(f"{cls}: {c}" for cls, c in zip(data.class_names, counts))

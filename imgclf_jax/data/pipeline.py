@@ -31,6 +31,15 @@ A batch is a dict of numpy arrays::
     mask:  bool[B]             (True for real rows)
     row:   int32[B]            (position in the split, -1 where padded)
 
+With ``data.augment_on='device'`` (:mod:`imgclf_jax.data.placement` resolves ``auto``), the chain
+keeps ``locate``, ``load`` and the per-(seed, i) generator, but the generator only *draws* each
+image's parameters (``aug float32[P]``, :meth:`AugmentParams.draw`: the same numbers the host
+ops would draw) and the batch carries ``image uint8[B, H, W, 3]`` (the resized pixels), ``aug``,
+label, mask and row; :class:`imgclf_jax.data.device_augment.DeviceStage` then warps, scales and
+normalizes on the accelerator, giving the batch above to float tolerance. With
+``data.on_device=true`` the chain skips ``load`` too (the split's pixels are in device memory,
+gathered there by ``row``). Validation, test and ``predict`` batches always take the host path.
+
 Training, validation, test and ``predict`` batches all go through the same
 ``finish`` step, so the normalization is the same everywhere (predict reads the
 keys from the run's config.json; a run saved before they existed has them off).
@@ -48,6 +57,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from imgclf_jax.data import placement
 from imgclf_jax.data.augment import AugmentParams, random_augment
 from imgclf_jax.data.imageio import resize
 from imgclf_jax.data.splits import Split
@@ -145,6 +155,50 @@ class _Augment:
         return element
 
 
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """``data.augment_on='device'``: draws a real row's parameters (``aug float32[P]``) from the generator
+    the host path would augment it with; padding rows get zeros (their zero image stays zero)."""
+
+    params: AugmentParams
+    image_size: int
+
+    def __call__(self, element: dict, rng: np.random.Generator) -> dict:
+        if element["row"] == PAD:
+            return dict(element, aug=np.zeros(self.params.num_params, np.float32))
+        return dict(element, aug=self.params.draw(rng, self.image_size, self.image_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Label:
+    """``data.on_device``: a row's label only (the device holds its pixels)."""
+
+    split: Split
+
+    def __call__(self, element: dict) -> dict:
+        row = element["row"]
+        return {"label": 0 if row == PAD else max(int(self.split.labels[row]), 0), "row": row}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Handover:
+    """``data.augment_on='device'``: the batch element for :class:`imgclf_jax.data.device_augment.DeviceStage`:
+    ``image uint8[H, W, 3]`` (absent with data.on_device), ``aug float32[P]``, label, mask, row."""
+
+    num_params: int
+
+    def __call__(self, element: dict) -> dict:
+        out = {
+            "aug": element.get("aug", np.zeros(self.num_params, np.float32)),
+            "label": np.int32(element["label"]),
+            "mask": np.bool_(element["row"] != PAD),
+            "row": np.int32(element["row"]),
+        }
+        if "image" in element:
+            out["image"] = np.asarray(element["image"], np.uint8)
+        return out
+
+
 def normalization(data_config) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean float32[3], std float32[3]) of ``data.channel_mean`` / ``data.channel_std``, None when off.
 
@@ -191,6 +245,10 @@ class TrainPipeline:
     batch_size: int
     epoch_size: int  # rows per epoch after resampling (real rows, no padding)
     num_workers: int
+    # 'host': batches as the train step takes them; 'device': uint8 pixels (or, with on_device, none) and
+    # each row's drawn parameters, for imgclf_jax.data.device_augment.DeviceStage
+    augment_on: str = "host"
+    on_device: bool = False
 
     def batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[dict]:
         """Iterates batches [start_step, stop_step) (global ones; a process's share with `shard`) with grain
@@ -299,9 +357,14 @@ def process_share(rows: grain.MapDataset, batch_size: int, shard: tuple[int, int
 
 def train_pipeline(
     split: Split, config: ml_collections.ConfigDict, num_epochs: int | None = None, seed: int | None = None,
-    shard: tuple[int, int] = (0, 1),
+    shard: tuple[int, int] = (0, 1), augment_on: str | None = None, on_device: bool | None = None,
 ) -> TrainPipeline:
     """Builds the training pipeline from a run's config (sections data, augment, train; key seed).
+
+    With ``data.augment_on`` resolved to 'device' (:func:`imgclf_jax.data.placement.resolve`) a batch
+    is ``image uint8[B, H, W, 3]`` (absent with ``data.on_device``), ``aug float32[B, P]`` (each row's
+    drawn augmentation parameters), ``label``, ``mask``, ``row``, for the run's
+    :class:`imgclf_jax.data.device_augment.DeviceStage`, which turns it into the batch above on the devices.
 
     Args:
       split: the training rows.
@@ -310,21 +373,35 @@ def train_pipeline(
       seed: the data order and augmentation seed (default config.seed).
       shard: (process index, process count) of a multi-process run: ``dataset[j]`` is then this
         process's block of global batch j (:func:`process_share`); ``batch_size`` stays the global B.
+      augment_on, on_device: override ``data.augment_on`` (resolved: 'host' | 'device') and
+        ``data.on_device`` (e.g. a preview that needs the pixels); None = the config's.
     """
     num_epochs = num_epochs or config.train.num_epochs
     batch_size = config.train.batch_size
+    params = AugmentParams(**config.augment.to_dict())
+    augment_on = placement.resolve(config.data, recipe=params) if augment_on is None else augment_on
+    on_device = bool(config.data.get("on_device", False)) if on_device is None else on_device
     resampled = resampled_positions(split.labels, tuple(config.data.class_repeats))
     steps = steps_per_epoch(split.labels, tuple(config.data.class_repeats), batch_size)
     shuffle_seed, augment_seed = _seeds(config.seed if seed is None else seed)
     shuffled = grain.MapDataset.range(len(resampled)).shuffle(seed=shuffle_seed)
-    params = AugmentParams(**config.augment.to_dict())
     rows = grain.MapDataset.range(num_epochs * steps * batch_size)
     rows = rows.map(_Locate(resampled, shuffled, steps * batch_size))
-    ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
-    if params.active:
-        ds = ds.random_map(_Augment(params), seed=augment_seed)
-    ds = process_share(ds.map(_finisher(config)), batch_size, shard)
-    return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers)
+    if on_device:
+        ds = rows.map(_Label(split))
+    else:
+        ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
+    if augment_on == "device":
+        if params.active:  # the same generator per row as the host's _Augment: the same draws
+            ds = ds.random_map(_Draw(params, config.data.image_size), seed=augment_seed)
+        ds = ds.map(_Handover(params.num_params))
+    else:
+        if params.active:
+            ds = ds.random_map(_Augment(params), seed=augment_seed)
+        ds = ds.map(_finisher(config))
+    ds = process_share(ds, batch_size, shard)
+    return TrainPipeline(ds, rows, steps, batch_size, len(resampled), config.data.num_workers,
+                         augment_on, on_device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,7 +421,8 @@ class _StackMembers:
 
 
 def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, seeds: list[int],
-                            num_epochs: int | None = None, shard: tuple[int, int] = (0, 1)) -> TrainPipeline:
+                            num_epochs: int | None = None, shard: tuple[int, int] = (0, 1),
+                            augment_on: str | None = None, on_device: bool | None = None) -> TrainPipeline:
     """K members' training batches in one stream: batch j holds member i's batch j of seed ``seeds[i]``.
 
     Each member's batches are exactly those of ``train_pipeline(split, config, seed=seeds[i])``
@@ -356,10 +434,16 @@ def ensemble_train_pipeline(split: Split, config: ml_collections.ConfigDict, see
     `shard`: a process's share of each member's batch, as in :func:`train_pipeline` (``[K, B/P, ...]``).
     """
     distinct = list(dict.fromkeys(seeds))
-    members = [train_pipeline(split, config, num_epochs, seed=s, shard=shard) for s in distinct]
+    members = [train_pipeline(split, config, num_epochs, seed=s, shard=shard, augment_on=augment_on,
+                              on_device=on_device) for s in distinct]
     stacked = grain.MapDataset.range(len(members[0].dataset)).map(
         _StackMembers(tuple(m.dataset for m in members), tuple(distinct.index(s) for s in seeds)))
     return dataclasses.replace(members[0], dataset=stacked)
+
+
+def rows_dataset(split: Split, image_size: int, resize_method: str) -> grain.MapDataset:
+    """Row i of `split` -> ``{'image': uint8[S, S, 3], 'label', 'row'}`` as training loads it (no augmentation)."""
+    return grain.MapDataset.range(len(split)).map(_InOrder(len(split))).map(_Load(split, image_size, resize_method))
 
 
 def eval_dataset(split: Split, config: ml_collections.ConfigDict, batch_size: int | None = None,

@@ -35,7 +35,7 @@ import numpy as np
 
 from imgclf_jax import checkpoint as ckpt_lib
 from imgclf_jax import distributed, memory, optim, parallel, report, steps
-from imgclf_jax.data import pipeline
+from imgclf_jax.data import device_augment, pipeline
 from imgclf_jax.early_stopping import EarlyStopping
 from imgclf_jax.ensemble import population, steps as ens_steps
 from imgclf_jax.ensemble.mapping import resolve_mapping
@@ -104,6 +104,8 @@ class EnsembleJob(Job):
         else:
             self.train = pipeline.ensemble_train_pipeline(parts.data.train, config, self.seeds,
                                                           shard=distributed.share())
+        self.device_stage = device_augment.stage_for(self.train, parts.data.train, config, mesh,
+                                                     members=not self.shared)
         self.values = population.member_values(config)  # {key: float32[K]}; {} without a sweep
         hooks = (population.member_hooks(config, parts.data.num_classes, self.train.steps_per_epoch)
                  if self.values else None)
@@ -181,8 +183,10 @@ class EnsembleJob(Job):
         self.trained = [not s.stopped for s in self.stoppers]
 
     def step(self, state, batch):
-        return self.train_step(state, parallel.shard_batch(batch, self.parts.mesh, members=not self.shared),
-                               self.dropout_keys)
+        batch = parallel.shard_batch(batch, self.parts.mesh, members=not self.shared)
+        if self.device_stage is not None:  # data.augment_on='device': pixels and draws -> the step's batch
+            batch = self.device_stage(batch)
+        return self.train_step(state, batch, self.dropout_keys)
 
     def accumulate(self, progress, metrics, global_step: int, batch_index: int) -> dict:
         return _accumulate_members(progress, self.nan_steps, self.k, metrics, global_step, batch_index)
@@ -302,6 +306,8 @@ class EnsembleJob(Job):
             "member_images_per_s": images_per_s * k if images_per_s else None,  # images trained, all members
             "wall_seconds": sum(h["seconds"] for h in history),
             "devices": [str(d) for d in mesh.devices.flat],
+            "augment_on": self.train.augment_on,  # data.augment_on as resolved on this backend
+            "data_on_device": self.train.on_device,
             "memory_per_member_bytes": mem_figures["member"],
             "num_train_examples": len(data.train),
             "num_val_examples": len(data.validation),

@@ -12,7 +12,8 @@ array_record folder (its records are already zlib-compressed), cut into parts of
 ``--part_mib`` MiB (default 60: a transfer of 64 MiB carries one part and the manifest), and
 ``PARTS_DIR/pack.json``, the manifest: the builder, the class names, every split's rows
 (image id, label, where it was listed), the dataset's content digest, and each part's size and
-sha256. The competition's 29,000 images (334 MB prepared) make 6 parts.
+sha256. The competition's 13,750 labelled images (train and validation, 334 MiB prepared) make 6
+parts: 5 of 60 MiB and one of 34 MiB, plus a 0.9 MiB pack.json (measured 2026-12-04: write 4.7 s, read 2.1 s).
 
 ``read`` checks every part against the manifest (size and sha256; a missing, truncated or changed
 part is named, and nothing is written), then unpacks the stream into ``DATA_DIR``: a *packed data

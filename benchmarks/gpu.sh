@@ -1,38 +1,56 @@
 #!/usr/bin/env bash
-# Runs the benchmarks on a CUDA machine, offline, and writes JSON results.
+# Runs the benchmarks and the reference runs on a CUDA machine, offline, and writes JSON results.
 #
-#   bash benchmarks/gpu.sh WHEELS OUT
+#   bash benchmarks/gpu.sh WHEELS OUT [PACK]
 #
 # WHEELS: a folder of wheels for benchmarks/requirements-gpu.txt (see that file for how to build
 #         it; '-' to install nothing and use what the Python environment already has).
 # OUT:    the results folder (created): machine.jsonl, train_step.jsonl, profile_<model>.jsonl, ensemble.jsonl,
-#         input_pipeline.jsonl, a .log of each, status.txt (one exit status per benchmark),
-#         pip-freeze.txt and nvidia-smi.txt.
+#         input_pipeline.jsonl, device_augment.jsonl, a .log of each, status.txt (one exit status per step),
+#         pip-freeze.txt, nvidia-smi.txt and, with PACK, one folder per run (runs/ml6/, runs/ml6_ensemble/:
+#         the workdir's JSON, CSV and PNG files; checkpoints stay in $BENCH_WORK).
+# PACK:   a data pack (python -m imgclf_jax.pack write ...: pack.json + part-*.bin), unpacked into
+#         $BENCH_WORK/data; then device_augment reads the real images, and the runs train on them.
+#         Without PACK the data is synthetic and no run trains.
 #
 # Needs: a Python with jax (CUDA), flax, optax and orbax-checkpoint ($PYTHON, default python3).
-# Nothing is downloaded: the data is synthetic, the packages come from WHEELS, installed into a
-# virtual environment under OUT that also sees $PYTHON's packages ($PYTHON's are not touched).
+# Nothing is downloaded: the packages come from WHEELS, installed into a virtual environment under
+# OUT that also sees $PYTHON's packages ($PYTHON's are not touched).
 # It refuses to run unless JAX's default backend is a GPU; BENCH_ALLOW_CPU=1 lets it run on a
 # CPU for a dry run (with e.g. BENCH_IMAGE_SIZE=32 BENCH_MODELS=ml1 for a quick one).
 #
 # Knobs (environment): BENCH_MODELS (ml1,ml2,ml4,ml5,ml6), BENCH_FRAMEWORKS
-# (imgclf_jax,imgclf_jax-xla,keras-jax,keras-tensorflow), BENCH_STEPS (steps per repeat; default: chosen so a
-# repeat lasts BENCH_REPEAT_SECONDS, default 3), BENCH_REPEATS (5), BENCH_BATCH (32),
+# (imgclf_jax,imgclf_jax-xla,imgclf_jax-bf16,keras-jax,keras-tensorflow), BENCH_STEPS (steps per repeat; default:
+# chosen so a repeat lasts BENCH_REPEAT_SECONDS, default 3), BENCH_REPEATS (5), BENCH_BATCH (32),
 # BENCH_IMAGE_SIZE (the configs' 128), BENCH_PROFILE_MODELS (ml1,ml6), BENCH_WORKERS (0,1,2,4,8),
-# BENCH_ENSEMBLE_MODEL (ml1) and BENCH_MEMBERS (1,2,4,8) for benchmarks.ensemble.
+# BENCH_ENSEMBLE_MODEL (ml1) and BENCH_MEMBERS (1,2,4,8) for benchmarks.ensemble, BENCH_AUGMENT_BATCHES
+# (timed batches of benchmarks.device_augment, default its 30 after 4 warm-up; set: after 2, for a small pack),
+# BENCH_BENCHMARKS (machine,train_step,profile,input_pipeline,device_augment,ensemble: which to run; '' none),
+# BENCH_RUNS (ml6,ml6_ensemble: the configs trained with PACK; '' none), BENCH_TRAIN_FLAGS (extra
+# --config.KEY=VALUE words for every run; default --config.data.on_device=true), BENCH_ENSEMBLE_FLAGS
+# (extra words for ml6_ensemble only, e.g. --config.ensemble.num_members=3), BENCH_WORK (checkpoints, the
+# unpacked data and the run workdirs; default $OUT/../gpu-work, outside OUT so OUT stays small).
 set -uo pipefail
 
-if [ $# -ne 2 ]; then
+if [ $# -lt 2 ] || [ $# -gt 3 ]; then
   awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"
   exit 2
 fi
 WHEELS=$1
 OUT=$(mkdir -p "$2" && cd "$2" && pwd)
+PACK=${3:-}
+[ -z "$PACK" ] || PACK=$(cd "$PACK" && pwd) || { echo "gpu.sh: no pack folder '$3'" >&2; exit 1; }
+WORK=${BENCH_WORK:-$OUT/../gpu-work}
+WORK=$(mkdir -p "$WORK" && cd "$WORK" && pwd)
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
 MODELS=${BENCH_MODELS:-ml1,ml2,ml4,ml5,ml6}
-FRAMEWORKS=${BENCH_FRAMEWORKS:-imgclf_jax,imgclf_jax-xla,keras-jax,keras-tensorflow}
+FRAMEWORKS=${BENCH_FRAMEWORKS:-imgclf_jax,imgclf_jax-xla,imgclf_jax-bf16,keras-jax,keras-tensorflow}
+BENCHMARKS=${BENCH_BENCHMARKS-machine,train_step,profile,input_pipeline,device_augment,ensemble}
+RUNS=${BENCH_RUNS-ml6,ml6_ensemble}
+read -r -a TRAIN_FLAGS <<< "${BENCH_TRAIN_FLAGS---config.data.on_device=true}"
+read -r -a ENSEMBLE_FLAGS <<< "${BENCH_ENSEMBLE_FLAGS:-}"
 PROFILE_MODELS=${BENCH_PROFILE_MODELS:-ml1,ml6}
 WORKERS=${BENCH_WORKERS:-0,1,2,4,8}
 ENSEMBLE_MODEL=${BENCH_ENSEMBLE_MODEL:-ml1}
@@ -83,15 +101,53 @@ run() {  # run NAME ARGS...: python -m ARGS > OUT/NAME.jsonl, stderr to OUT/NAME
   [ $code -eq 0 ] || echo "gpu.sh: $name failed ($code); see $OUT/$name.log" >&2
 }
 
-run machine benchmarks.machine
-run train_step benchmarks.train_step --models="$MODELS" --frameworks="$FRAMEWORKS" \
+wants() { [[ ",$BENCHMARKS," == *",$1,"* ]]; }
+
+DATA_FLAGS=(--source=synthetic)
+if [ -n "$PACK" ]; then
+  rm -rf "$WORK/data"
+  echo "gpu.sh: unpacking $PACK into $WORK/data ..." >&2
+  "$PY" -m imgclf_jax.pack read "$PACK" --to "$WORK/data" > "$OUT/pack.log" 2>&1 \
+    || { cat "$OUT/pack.log" >&2; fail "the data pack $PACK did not unpack (see $OUT/pack.log)"; }
+  echo "pack 0" >> "$OUT/status.txt"
+  DATA_FLAGS=(--source=real --data_dir="$WORK/data")
+fi
+
+wants machine && run machine benchmarks.machine
+wants train_step && run train_step benchmarks.train_step --models="$MODELS" --frameworks="$FRAMEWORKS" \
   "${STEP_FLAGS[@]}" "${SIZE_FLAGS[@]}"
-for model in ${PROFILE_MODELS//,/ }; do
-  run "profile_$model" benchmarks.profile_step --model="$model" --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
-done
-run input_pipeline benchmarks.input_pipeline --source=synthetic --workers="$WORKERS" "${SIZE_FLAGS[@]}"
-run ensemble benchmarks.ensemble --model="${ENSEMBLE_MODEL}" --members="${BENCH_MEMBERS:-1,2,4,8}" \
+if wants profile; then
+  for model in ${PROFILE_MODELS//,/ }; do
+    run "profile_$model" benchmarks.profile_step --model="$model" --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
+  done
+fi
+wants input_pipeline && run input_pipeline benchmarks.input_pipeline --source=synthetic --workers="$WORKERS" "${SIZE_FLAGS[@]}"
+AUGMENT_FLAGS=()
+[ -n "${BENCH_AUGMENT_BATCHES:-}" ] && AUGMENT_FLAGS+=(--batches="$BENCH_AUGMENT_BATCHES" --warmup_batches=2)
+wants device_augment && run device_augment benchmarks.device_augment "${DATA_FLAGS[@]}" "${SIZE_FLAGS[@]}" \
+  "${AUGMENT_FLAGS[@]}"
+wants ensemble && run ensemble benchmarks.ensemble --model="${ENSEMBLE_MODEL}" --members="${BENCH_MEMBERS:-1,2,4,8}" \
   --mappings=vmap,unroll,map --batch="${BENCH_BATCH:-32}" "${SIZE_FLAGS[@]}"
+
+train() {  # train CONFIG WORDS...: configs/CONFIG.py on the unpacked data; its reports to OUT/runs/CONFIG
+  local name=$1; shift
+  local workdir="$WORK/runs/$name"
+  echo "gpu.sh: training $name ..." >&2
+  mkdir -p "$OUT/runs/$name"
+  "$PY" -m imgclf_jax.train --config "configs/$name.py" --config.data.dir="$WORK/data" \
+    --config.data.cache_dir="$WORK/cache" "$@" --workdir "$workdir" > "$OUT/runs/$name.log" 2>&1
+  local code=$?
+  echo "run_$name $code" >> "$OUT/status.txt"
+  [ $code -eq 0 ] || echo "gpu.sh: training $name failed ($code); see $OUT/runs/$name.log" >&2
+  find "$workdir" -maxdepth 1 -type f \( -name '*.json' -o -name '*.csv' -o -name '*.png' \) \
+    -exec cp {} "$OUT/runs/$name/" \;
+}
+if [ -n "$PACK" ]; then
+  for name in ${RUNS//,/ }; do
+    if [ "$name" = ml6_ensemble ]; then train "$name" "${TRAIN_FLAGS[@]}" "${ENSEMBLE_FLAGS[@]}"
+    else train "$name" "${TRAIN_FLAGS[@]}"; fi
+  done
+fi
 
 echo "gpu.sh: results in $OUT:" >&2
 cat "$OUT/status.txt" >&2

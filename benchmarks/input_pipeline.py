@@ -17,7 +17,7 @@ process; grain's reading threads always run). Data:
 - ``synthetic``: 12,500 random 100x100 RGB images made on the fly (no reading
   or decoding cost; resizing and augmentation as for real data).
 
-Default: real when ``--data_dir`` holds a ``train.csv``, else synthetic (said on stderr).
+Default: real when ``--data_dir`` holds a ``train.csv`` (or is a packed folder), else synthetic (said on stderr).
 
 Prints JSON lines: one ``"benchmark": "input_pipeline"`` row per worker count
 (``images_per_s`` over ``--batches`` batches after ``--warmup_batches``, and
@@ -79,12 +79,21 @@ def synthetic_split(size: int = 12_500, num_classes: int = 5):
                  image_ids=[f"synthetic-{i}" for i in range(size)])
 
 
+def has_real_data(data_dir: pathlib.Path) -> bool:
+    """Whether `data_dir` is a competition folder (it holds ``train.csv``) or a packed one
+    (``python -m imgclf_jax.pack read`` wrote it)."""
+    from imgclf_jax.data import packed
+
+    return (data_dir / "train.csv").exists() or packed.is_packed(str(data_dir))
+
+
 def real_split(config, data_dir: pathlib.Path):
-    """The training split of the competition folder `data_dir` (prepared on first use)."""
+    """The training split of the competition folder, or packed folder, `data_dir` (prepared on first use)."""
     from imgclf_jax.data import splits
 
-    if not (data_dir / "train.csv").exists():
-        raise ConfigError(f"no train.csv in {data_dir}; pass --data_dir DIR or --source synthetic")
+    if not has_real_data(data_dir):
+        raise ConfigError(f"no train.csv (nor a pack's imgclf_pack.json) in {data_dir}; "
+                          "pass --data_dir DIR or --source synthetic")
     data = config.data.copy_and_resolve_references()
     data.builder, data.dir = "competition", str(data_dir)
     print(f"input_pipeline: opening {data_dir} (prepared on first use) ...", file=sys.stderr, flush=True)
@@ -132,7 +141,7 @@ def main(argv: list[str]) -> int:
     if values["image_size"]:
         config.data.image_size = values["image_size"]
     data_dir = pathlib.Path(values["data_dir"] or SHARED_DATA)
-    source = values["source"] or ("real" if (data_dir / "train.csv").exists() else "synthetic")
+    source = values["source"] or ("real" if has_real_data(data_dir) else "synthetic")
     if source == "real":
         split = real_split(config, data_dir)
     elif source == "synthetic":

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-  python -m benchmarks.train_step [--models ml1,ml6] [--frameworks imgclf_jax,imgclf_jax-xla,keras-tensorflow,keras-jax]
+  python -m benchmarks.train_step [--models ml1,ml6] [--frameworks imgclf_jax,imgclf_jax-xla,imgclf_jax-bf16,keras-tensorflow,keras-jax]
       [--steps N] [--repeats 3] [--warmup 2] [--batch 32] [--image_size 128] [--repeat_seconds 5]
       [--matmul_size N] [--no_probe]
 
@@ -20,7 +20,8 @@ row::
 
 Frameworks: ``imgclf_jax`` (:mod:`benchmarks.step_imgclf`; its CPU fast path,
 :mod:`imgclf_jax.models.fast_path`, as training decides it), ``imgclf_jax-xla``
-(the same with ``IMGCLF_JAX_FAST_PATH=0``: XLA's own gradients), ``keras-tensorflow``
+(the same with ``IMGCLF_JAX_FAST_PATH=0``: XLA's own gradients), ``imgclf_jax-bf16``
+(``model.compute_dtype='bfloat16'``, float32 params and optimizer state), ``keras-tensorflow``
 and ``keras-jax`` (:mod:`benchmarks.step_keras`: the same architecture built in
 Keras 3 by :mod:`benchmarks.keras_models`, on TensorFlow or on JAX). Every row
 runs in a fresh subprocess (Keras's backend is fixed at import; the peak RSS is
@@ -50,9 +51,12 @@ from imgclf_jax import config as config_lib
 from imgclf_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("imgclf_jax", "imgclf_jax-xla", "keras-tensorflow", "keras-jax")
+FRAMEWORKS = ("imgclf_jax", "imgclf_jax-xla", "imgclf_jax-bf16", "keras-tensorflow", "keras-jax")
 # imgclf_jax-xla: imgclf_jax with its CPU fast path off (IMGCLF_JAX_FAST_PATH=0): XLA's own gradients.
 FAST_PATH_OFF = {"imgclf_jax-xla": "0"}
+# imgclf_jax-bf16: imgclf_jax with model.compute_dtype='bfloat16' (float32 params; README "Precision").
+COMPUTE_DTYPE = {"imgclf_jax-bf16": "bfloat16"}
+DEFAULT_FRAMEWORKS = ("imgclf_jax", "imgclf_jax-xla", "keras-tensorflow", "keras-jax")  # without --frameworks
 KERAS_BACKEND = {"keras-tensorflow": "tensorflow", "keras-jax": "jax"}
 NUM_CLASSES = 5  # the reference competition
 FLAGS = {
@@ -101,6 +105,8 @@ def measure_row(model: str, framework: str, settings: dict) -> dict:
       framework's packages are missing.
     """
     config = load_model_config(model)
+    if framework in COMPUTE_DTYPE:
+        config_lib.apply_override(config, "model.compute_dtype", COMPUTE_DTYPE[framework])
     image_size = settings["image_size"] or config.data.image_size
     args = (config, NUM_CLASSES, image_size, settings["batch"], settings["steps"], settings["repeats"],
             settings["warmup"], settings["repeat_seconds"])
@@ -188,7 +194,7 @@ def main(argv: list[str]) -> int:
     """Runs the benchmark on command-line words `argv` (see the module docstring); returns the exit status."""
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
     models = [m for m in (values["models"] or "ml1,ml6").split(",") if m]
-    frameworks = [f for f in (values["frameworks"] or ",".join(FRAMEWORKS)).split(",") if f]
+    frameworks = [f for f in (values["frameworks"] or ",".join(DEFAULT_FRAMEWORKS)).split(",") if f]
     for framework in frameworks:
         if framework not in FRAMEWORKS:
             raise ConfigError(f"unknown framework {framework!r}; frameworks: {', '.join(FRAMEWORKS)}")

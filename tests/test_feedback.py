@@ -182,7 +182,7 @@ def test_every_run_starts_with_the_banner_fresh_then_resumed(tmp_path, capsys):
         "  classes (10; train rows each): " + ", ".join(f"{i} 10" for i in range(10)),
         "  images 16x16 RGB; model conv (4, 8) + dense (16,), "
         f"{json.loads((tmp_path / 'run' / 'summary.json').read_text())['num_params']:,} params; "
-        "batch 32 on 2 device(s) (cpu:0, cpu:1; 16 each)",
+        "batch 32 on 2 device(s) (cpu:0, cpu:1; 16 each); augmentation on the host",  # auto on a CPU
         f"  workdir {workdir}: fresh run",
     ]
     assert out[first].rsplit("/", 1)[1].startswith("digits-")
@@ -217,7 +217,15 @@ def test_the_banner_says_where_each_split_came_from_and_caps_the_class_list():
     assert lines[4].startswith("  classes (25; train rows each): class_00 2, class_01 2, class_02 2, class_03 3, ")
     assert lines[4].endswith("class_19 2, ... (5 more)")
     assert "1,234 params per member, 3 members; batch 32 on 1 device(s) (cpu:0; 32 each)" in lines[5]
+    assert lines[5].endswith("(cpu:0; 32 each); no augmentation")  # the base config's augment.* are off
     assert lines[6] == "  workdir runs/mine: fresh run" and len(lines) == 7
+    c.augment.horizontal_flip = True
+    assert banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run").splitlines()[5].endswith(
+        "; augmentation on the host")  # 'auto' on a CPU
+    c.data.augment_on, c.data.on_device = "device", True
+    assert banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run").splitlines()[5].endswith(
+        "; augmentation on the device, training split in device memory")
+    c.augment.horizontal_flip, c.data.augment_on, c.data.on_device = False, "auto", False
     data.sources = {}  # a RunData made without them: the counts on one line
     lines = banner.start_banner(c, "runs/mine", data, 1234, ["cpu:0"], "fresh run").splitlines()
     assert lines[1] == "  rows: train 51, validation 2, test 4" and len(lines) == 5

@@ -51,8 +51,9 @@ def resolve(data_config, backend: str | None = None, recipe: AugmentParams | Non
 
 def describe(config) -> str:
     """A few words for the start banner: where the run augments, and whether the split is in device memory."""
-    where = resolve(config.data, recipe=AugmentParams(**config.augment.to_dict()))
-    text = f"augmentation on the {where}"
+    recipe = AugmentParams(**config.augment.to_dict())
+    where = resolve(config.data, recipe=recipe)
+    text = f"augmentation on the {where}" if recipe.active else "no augmentation"
     if config.data.get("on_device", False):
         text += ", training split in device memory"
     return text

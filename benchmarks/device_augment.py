@@ -27,14 +27,13 @@ should pick on that backend (:mod:`imgclf_jax.data.placement`). Data as
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 import time
 
 from imgclf_jax import cli
 from imgclf_jax.errors import ConfigError
 
-from benchmarks import input_pipeline, train_step
+from benchmarks import input_pipeline
 
 FLAGS = {"config": str, "source": str, "data_dir": str, "batches": int, "warmup_batches": int,
          "image_size": int, "train_examples": int, "ways": str}
@@ -93,12 +92,7 @@ def main(argv: list[str]) -> int:
     import jax
 
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
-    config_name = values["config"] or "ml6"
-    config = train_step.load_model_config(config_name)
-    if values["image_size"]:
-        config.data.image_size = values["image_size"]
-    data_dir = pathlib.Path(values["data_dir"] or input_pipeline.SHARED_DATA)
-    source = values["source"] or ("real" if input_pipeline.has_real_data(data_dir) else "synthetic")
+    config_name, config, data_dir, source = input_pipeline.config_and_source(values)
     size = values["train_examples"] or 0
     if source == "real":
         if size:

@@ -87,6 +87,17 @@ def has_real_data(data_dir: pathlib.Path) -> bool:
     return (data_dir / "train.csv").exists() or packed.is_packed(str(data_dir))
 
 
+def config_and_source(values: dict):
+    """(config name, its config with ``--image_size`` applied, data folder, 'real' | 'synthetic' | the
+    ``--source`` given) from the parsed flags ``config``, ``image_size``, ``data_dir``, ``source``."""
+    config_name = values["config"] or "ml6"
+    config = train_step.load_model_config(config_name)
+    if values["image_size"]:
+        config.data.image_size = values["image_size"]
+    data_dir = pathlib.Path(values["data_dir"] or SHARED_DATA)
+    return config_name, config, data_dir, values["source"] or ("real" if has_real_data(data_dir) else "synthetic")
+
+
 def real_split(config, data_dir: pathlib.Path):
     """The training split of the competition folder, or packed folder, `data_dir` (prepared on first use)."""
     from imgclf_jax.data import splits
@@ -136,12 +147,7 @@ def pipeline_rate(split, config, workers: int, batches: int, warmup: int) -> dic
 def main(argv: list[str]) -> int:
     """Runs the benchmark on command-line words `argv` (see the module docstring); returns the exit status."""
     values, _ = cli.parse_flags(argv, FLAGS, config_overrides=False)
-    config_name = values["config"] or "ml6"
-    config = train_step.load_model_config(config_name)
-    if values["image_size"]:
-        config.data.image_size = values["image_size"]
-    data_dir = pathlib.Path(values["data_dir"] or SHARED_DATA)
-    source = values["source"] or ("real" if has_real_data(data_dir) else "synthetic")
+    config_name, config, data_dir, source = config_and_source(values)
     if source == "real":
         split = real_split(config, data_dir)
     elif source == "synthetic":

@@ -94,6 +94,22 @@ def test_input_pipeline_on_synthetic_images():
     assert row["images_per_s"] > 0 and row["batches"] == 2
 
 
+def test_device_augment_times_three_ways_and_reports_their_ratio_to_the_host(capsys):
+    from benchmarks import device_augment
+
+    code = device_augment.main(["--source=synthetic", "--image_size=32", "--train_examples=200",
+                                "--batches=2", "--warmup_batches=1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0 and [r.get("way") for r in rows[:3]] == ["host", "device", "on_device"]
+    assert [(r["augment_on"], r["on_device"]) for r in rows[:3]] == [("host", False), ("device", False),
+                                                                       ("device", True)]
+    summary = rows[3]
+    assert summary["part"] == "summary" and summary["over_host"]["host"] == 1.0
+    rates = summary["images_per_s"]
+    assert summary["over_host"]["device"] == pytest.approx(rates["device"] / rates["host"])
+    assert summary["fastest"] == max(rates, key=rates.get)
+
+
 @pytest.mark.parametrize("name", REFERENCE)
 def test_keras_twin_has_our_parameter_count(name):
     os.environ.setdefault("KERAS_BACKEND", "jax")

@@ -37,6 +37,7 @@ if [ $# -lt 2 ] || [ $# -gt 3 ]; then
   exit 2
 fi
 WHEELS=$1
+[ "$WHEELS" = - ] || [ ! -d "$WHEELS" ] || WHEELS=$(cd "$WHEELS" && pwd)
 OUT=$(mkdir -p "$2" && cd "$2" && pwd)
 PACK=${3:-}
 [ -z "$PACK" ] || PACK=$(cd "$PACK" && pwd) || { echo "gpu.sh: no pack folder '$3'" >&2; exit 1; }
@@ -76,6 +77,9 @@ PY="$OUT/venv/bin/python"
 "$PYTHON" -c 'import site; print("\n".join(site.getsitepackages()))' \
   > "$("$PY" -c 'import site; print(site.getsitepackages()[0])')/_benchmarks_base.pth"
 "$PY" -c 'import jax, flax, optax' || fail "the venv in $OUT/venv does not see $PYTHON's jax"
+venv_backend=$("$PY" -c 'import jax; print(jax.default_backend())') || fail "jax does not start in $OUT/venv"
+[ "$venv_backend" = "$backend" ] \
+  || fail "JAX's backend is '$backend' for $PYTHON but '$venv_backend' in $OUT/venv (its CUDA plugin not seen?)"
 if [ "$WHEELS" != - ]; then
   [ -d "$WHEELS" ] || fail "no wheel folder '$WHEELS'"
   "$PY" -m pip install -q --no-index --find-links "$WHEELS" -r benchmarks/requirements-gpu.txt \

@@ -228,9 +228,12 @@ def main(argv: list[str]) -> int:
                           "read PARTS_DIR --to DATA_DIR")
     if argv[0] == "write":
         args = cli.parse_args(argv[1:], {"out": str, "part_mib": float}, workdir=False)
-        out, part_mib = args.extras["out"], args.extras["part_mib"] or 60.0
+        out, part_mib = args.extras["out"], args.extras["part_mib"]
+        part_mib = 60.0 if part_mib is None else part_mib
         if not out:
             raise ConfigError("write needs --out PARTS_DIR")
+        if not part_mib > 0:
+            raise ConfigError(f"--part_mib must be a positive number of MiB, got {part_mib}")
         pack = write_pack(args.config.data, out, int(part_mib * _CHUNK))
         total = sum(p["bytes"] for p in pack["parts"])
         rows = sum(len(r) for r in pack["scan"]["splits"].values())

@@ -97,6 +97,8 @@ def test_command_line_write_and_read(tmp_path):
     assert json.loads((out / packed.PACKED_NAME).read_text())["builder"] == "folders"
     for words, message in ((("read", str(parts), "--to", str(out)), "is not empty"),
                            (("read", str(tmp_path), "--to", str(tmp_path / "x")), "not a data pack"),
-                           (("write", "--config", "configs/digits.py", "--out", str(tmp_path / "d")), "nothing to pack")):
+                           (("write", "--config", "configs/digits.py", "--out", str(tmp_path / "d")), "nothing to pack"),
+                           (("write", "--config", "configs/folders.py", f"--config.data.dir={root}", "--out",
+                             str(tmp_path / "z"), "--part_mib", "0"), "--part_mib must be a positive")):
         refused = tool(*words)
         assert refused.returncode in (1, 2) and refused.stderr.count("\n") == 1 and message in refused.stderr, words

@@ -22,9 +22,10 @@ pipeline's, as before. Validation and test batches keep the host path (they are
 decoded once per evaluation, not augmented).
 
 ``data.augment_on='auto'`` (the default) is chosen per backend (:func:`imgclf_jax.data.placement.resolve`):
-'host' on CPU, where the measured scipy path is faster (benchmarks/README.md,
-``benchmarks/device_augment.py``), 'device' on a GPU or TPU, whose host side
-cannot feed it (about 1,100-1,300 warped images/s on this project's 2-core CPU);
+'host' on CPU (the end-to-end gain measured there is within noise, and the host
+path is the exact scipy call of the Keras recipe: README, "Augmentation on the
+device"), 'device' on a GPU or TPU, whose host side cannot feed it (670-1,300
+warped images/s on this project's 2-core CPU);
 'device' whenever ``data.on_device`` is true. The choice is printed at start-up
 and written to summary.json (``augment_on``).
 """

@@ -4,6 +4,7 @@ Usage (from the repository root)::
 
   python -m benchmarks.device_augment [--config configs/ml6.py] [--source real|synthetic]
       [--data_dir DIR] [--batches 30] [--warmup_batches 4] [--image_size S] [--train_examples N]
+      [--ways host,device,on_device]
 
 Three ways to make the same batches of the config's training pipeline (attempt 6 by default:
 rotation +-20 deg, shifts +-20%, zoom [0.7, 1.3], flip, at data.image_size), side by side
@@ -103,6 +104,9 @@ def main(argv: list[str]) -> int:
     else:
         raise ConfigError(f"--source must be 'real' or 'synthetic', got {source!r}")
     ways = [w for w in (values["ways"] or ",".join(WAYS)).split(",") if w]
+    unknown = [w for w in ways if w not in WAYS]
+    if unknown:  # refused before any way runs
+        raise ConfigError(f"--ways: unknown way(s) {', '.join(unknown)}; choose from {', '.join(WAYS)}")
     common = {"benchmark": "device_augment", "config": config_name, "source": source,
               "backend": jax.default_backend(), "devices": jax.device_count(),
               "image_size": config.data.image_size, "batch": config.train.batch_size,

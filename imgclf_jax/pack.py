@@ -36,7 +36,7 @@ import sys
 import tarfile
 import uuid
 
-from imgclf_jax import cli
+from imgclf_jax import cli, disk
 from imgclf_jax.manifest import sha256_file
 from imgclf_jax.data.packed import PACK_NAME, PACKED_NAME, VERSION, is_packed, read_manifest
 from imgclf_jax.errors import ConfigError, DataError
@@ -150,10 +150,19 @@ def write_pack(data_config, out_dir: str, part_bytes: int) -> dict:
     folder = os.path.basename(prepared.path)
     writer = _PartWriter(out_dir, part_bytes)
     try:
-        with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            tar.add(prepared.path, arcname=folder)
-    finally:
-        writer.close()
+        try:
+            with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                tar.add(prepared.path, arcname=folder)
+        finally:
+            writer.close()
+    except BaseException as e:  # out_dir was empty: leave it so, for a rerun of the same command
+        for name in os.listdir(out_dir):
+            os.remove(os.path.join(out_dir, name))
+        if isinstance(e, OSError) and disk.is_disk_full(e):
+            raise disk.disk_full_error(f"the pack's parts in '{out_dir}'", out_dir, disk.folder_bytes(prepared.path),
+                                       "free space and rerun the same command",
+                                       elsewhere="give an --out on a larger disk") from None
+        raise
     pack = {
         "version": VERSION,
         "builder": data_config.builder,
@@ -215,6 +224,12 @@ def read_pack(parts_dir: str, data_dir: str) -> dict:
         os.rename(tmp, data_dir)
     except tarfile.TarError as e:
         raise DataError(f"the parts in '{parts_dir}' do not form a tar stream ({e})") from None
+    except OSError as e:
+        if disk.is_disk_full(e):
+            raise disk.disk_full_error(f"the unpacked data for '{data_dir}'", parent, sum(p["bytes"] for p in pack["parts"]),
+                                       "free space and rerun the same command (nothing was kept)",
+                                       elsewhere="give a --to on a larger disk") from None
+        raise
     finally:
         reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -229,11 +244,9 @@ def main(argv: list[str]) -> int:
     if argv[0] == "write":
         args = cli.parse_args(argv[1:], {"out": str, "part_mib": float}, workdir=False)
         out, part_mib = args.extras["out"], args.extras["part_mib"]
-        part_mib = 60.0 if part_mib is None else part_mib
+        part_mib = 60.0 if part_mib is None else part_mib  # an explicit 0 is refused below, not defaulted
         if not out:
             raise ConfigError("write needs --out PARTS_DIR")
-        if not part_mib > 0:
-            raise ConfigError(f"--part_mib must be a positive number of MiB, got {part_mib}")
         pack = write_pack(args.config.data, out, int(part_mib * _CHUNK))
         total = sum(p["bytes"] for p in pack["parts"])
         rows = sum(len(r) for r in pack["scan"]["splits"].values())

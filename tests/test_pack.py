@@ -99,6 +99,41 @@ def test_command_line_write_and_read(tmp_path):
                            (("read", str(tmp_path), "--to", str(tmp_path / "x")), "not a data pack"),
                            (("write", "--config", "configs/digits.py", "--out", str(tmp_path / "d")), "nothing to pack"),
                            (("write", "--config", "configs/folders.py", f"--config.data.dir={root}", "--out",
-                             str(tmp_path / "z"), "--part_mib", "0"), "--part_mib must be a positive")):
+                             str(tmp_path / "z"), "--part_mib", "0"), "--part_mib must be at least 1, got 0")):
         refused = tool(*words)
         assert refused.returncode in (1, 2) and refused.stderr.count("\n") == 1 and message in refused.stderr, words
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, cache_dir, monkeypatch):
+    import errno
+    import tarfile
+
+    from imgclf_jax.errors import DiskFullError
+
+    root, parts = tmp_path / "pets", tmp_path / "parts"
+    make_class_folders(root, {"dog": 4, "cat": 5})
+    data = data_config("folders", root, cache_dir)
+    enospc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_write = pack._PartWriter.write
+    calls = []
+
+    def write_then_fail(self, chunk):
+        calls.append(len(chunk))
+        if len(calls) > 2:  # a part file exists by then
+            raise enospc
+        return real_write(self, chunk)
+
+    monkeypatch.setattr(pack._PartWriter, "write", write_then_fail)
+    with pytest.raises(DiskFullError, match="pack's parts in.*rerun the same command"):
+        pack.write_pack(data, str(parts), part_bytes=1 << 20)
+    assert os.listdir(parts) == []  # empty again: the same command can rerun
+    monkeypatch.undo()
+    pack.write_pack(data, str(parts), part_bytes=1 << 20)
+
+    def extract_fails(self, member, path, **kwargs):
+        raise enospc
+
+    monkeypatch.setattr(tarfile.TarFile, "extract", extract_fails)
+    with pytest.raises(DiskFullError, match="unpacked data for.*nothing was kept"):
+        pack.read_pack(str(parts), str(tmp_path / "data"))
+    assert not os.path.exists(tmp_path / "data") and not [p for p in os.listdir(tmp_path) if ".tmp-" in p]

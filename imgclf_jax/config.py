@@ -644,10 +644,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     need(d.num_workers >= 0, "data.num_workers", ">= 0")
     from imgclf_jax.data import placement
 
-    need(d.augment_on in placement.AUGMENT_ON, "data.augment_on", f"one of {placement.AUGMENT_ON}")
     need(isinstance(d.on_device, bool), "data.on_device", "true or false")
-    need(not (d.on_device and d.augment_on == "host"), "data.augment_on",
-         "'device' or 'auto' with data.on_device=true (the training images live on the device)")
+    placement.check(d)  # data.augment_on's value, and not 'host' with data.on_device
     check_normalization(d)
     validate_recipe(config)
     _check_model_keys(m)

@@ -25,7 +25,6 @@ import numpy as np
 
 from imgclf_jax import cli, distributed
 from imgclf_jax.data import device_augment, pipeline, splits
-from imgclf_jax.data.augment import AugmentParams
 from imgclf_jax.errors import ConfigError
 
 
@@ -91,8 +90,7 @@ def write_grid(data: splits.RunData, config, epoch: int, num_images: int, name: 
     norm = pipeline.normalization(config.data)
     stage = None
     if train.augment_on == "device":  # the same images training gets from its device stage
-        stage = device_augment.DeviceStage(AugmentParams(**config.augment.to_dict()),
-                                           *(norm if norm is not None else (None, None)))
+        stage = device_augment.DeviceStage.for_config(config)
     images, labels = first_images(train, epoch, num_images, stage)
     if norm is not None:  # show the pixels, not the model's normalized input
         images = images * norm[1] + norm[0]

@@ -142,6 +142,15 @@ class DeviceStage:
     def __call__(self, batch: dict) -> dict:
         return self._fn(batch, self.table)
 
+    @classmethod
+    def for_config(cls, config, table=None, sharding=None) -> "DeviceStage":
+        """The stage of a run config's ``augment`` recipe and ``data`` normalization."""
+        from imgclf_jax.data import pipeline
+
+        norm = pipeline.normalization(config.data)
+        mean, std = norm if norm is not None else (None, None)
+        return cls(AugmentParams(**config.augment.to_dict()), mean, std, table, sharding)
+
 
 def stage_for(train, split, config, mesh, members: bool = False) -> DeviceStage | None:
     """The run's :class:`DeviceStage` for its training pipeline `train`, or None when it augments on the host.
@@ -156,13 +165,10 @@ def stage_for(train, split, config, mesh, members: bool = False) -> DeviceStage 
     if train.augment_on != "device":
         return None
     from imgclf_jax import parallel
-    from imgclf_jax.data import pipeline
 
-    norm = pipeline.normalization(config.data)
-    mean, std = norm if norm is not None else (None, None)
     table = None
     if train.on_device:
         table = parallel.replicate(load_table(split, config.data.image_size, config.data.resize_method),
                                    parallel.replicated(mesh))
     sharding = parallel.member_batch_sharded(mesh) if members else parallel.batch_sharded(mesh)
-    return DeviceStage(AugmentParams(**config.augment.to_dict()), mean, std, table, sharding)
+    return DeviceStage.for_config(config, table, sharding)

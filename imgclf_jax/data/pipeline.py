@@ -125,21 +125,24 @@ class _InOrder:
 
 @dataclasses.dataclass(frozen=True)
 class _Load:
-    """Reads a row's record, resized to ``image_size`` (uint8), or zeros for padding."""
+    """Reads a row's record, resized to ``image_size`` (uint8), or zeros for padding; with ``pixels=False``
+    (``data.on_device``: the device holds them) the row's label only."""
 
     split: Split
     image_size: int
     resize_method: str
+    pixels: bool = True
 
     def __call__(self, element: dict) -> dict:
         row = element["row"]
+        label = 0 if row == PAD else max(int(self.split.labels[row]), 0)
+        if not self.pixels:
+            return {"label": label, "row": row}
         if row == PAD:
             image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-            label = 0
         else:
             record = self.split.source[int(self.split.records[row])]
             image = resize(record["image"], self.image_size, self.resize_method)
-            label = max(int(self.split.labels[row]), 0)
         return {"image": image, "label": label, "row": row}
 
 
@@ -167,17 +170,6 @@ class _Draw:
         if element["row"] == PAD:
             return dict(element, aug=np.zeros(self.params.num_params, np.float32))
         return dict(element, aug=self.params.draw(rng, self.image_size, self.image_size))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Label:
-    """``data.on_device``: a row's label only (the device holds its pixels)."""
-
-    split: Split
-
-    def __call__(self, element: dict) -> dict:
-        row = element["row"]
-        return {"label": 0 if row == PAD else max(int(self.split.labels[row]), 0), "row": row}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,10 +379,7 @@ def train_pipeline(
     shuffled = grain.MapDataset.range(len(resampled)).shuffle(seed=shuffle_seed)
     rows = grain.MapDataset.range(num_epochs * steps * batch_size)
     rows = rows.map(_Locate(resampled, shuffled, steps * batch_size))
-    if on_device:
-        ds = rows.map(_Label(split))
-    else:
-        ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method))
+    ds = rows.map(_Load(split, config.data.image_size, config.data.resize_method, pixels=not on_device))
     if augment_on == "device":
         if params.active:  # the same generator per row as the host's _Augment: the same draws
             ds = ds.random_map(_Draw(params, config.data.image_size), seed=augment_seed)

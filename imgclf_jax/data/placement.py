@@ -16,6 +16,17 @@ from imgclf_jax.errors import ConfigError
 AUGMENT_ON = ("auto", "host", "device")
 
 
+def check(data_config) -> None:
+    """Raises ConfigError for an unknown ``data.augment_on`` or ``data.on_device=true`` with 'host'
+    (absent keys, as in a config.json saved before they existed, mean 'auto' and false)."""
+    value = data_config.get("augment_on", "auto")
+    if value not in AUGMENT_ON:
+        raise ConfigError(f"config key 'data.augment_on' must be one of {AUGMENT_ON}, got {value!r}")
+    if data_config.get("on_device", False) and value == "host":
+        raise ConfigError("config key 'data.on_device' is true (the training images live on the device) "
+                          "but data.augment_on is 'host': set --config.data.augment_on=device (or auto)")
+
+
 def resolve(data_config, backend: str | None = None, recipe: AugmentParams | None = None) -> str:
     """'host' or 'device': where this run augments (module docstring).
 
@@ -30,14 +41,9 @@ def resolve(data_config, backend: str | None = None, recipe: AugmentParams | Non
       ConfigError: ``data.on_device=true`` with ``data.augment_on='host'`` (the host would need the pixels),
         or an unknown ``data.augment_on``.
     """
+    check(data_config)
     value = data_config.get("augment_on", "auto")
-    on_device = bool(data_config.get("on_device", False))
-    if value not in AUGMENT_ON:
-        raise ConfigError(f"config key 'data.augment_on' must be one of {AUGMENT_ON}, got {value!r}")
-    if on_device:
-        if value == "host":
-            raise ConfigError("config key 'data.on_device' is true (the training images live on the device) "
-                              "but data.augment_on is 'host': set --config.data.augment_on=device (or auto)")
+    if data_config.get("on_device", False):
         return "device"
     if value != "auto":
         return value

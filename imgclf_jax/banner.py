@@ -89,7 +89,11 @@ def start_banner(config, workdir: str, data, num_params: int, devices: list, sta
     """
     d = config.data
     path = d.dir or "none (bundled data)"
-    prepared = os.path.join(d.cache_dir, data.fingerprint) if data.fingerprint else d.cache_dir
+    from imgclf_jax.data import packed
+
+    # a packed folder (python -m imgclf_jax.pack read) holds its prepared data itself: data.cache_dir is unused
+    root = d.dir if d.dir and packed.is_packed(d.dir) else d.cache_dir
+    prepared = os.path.join(root, data.fingerprint) if data.fingerprint else root
     counts = np.bincount(np.asarray(data.train.labels)[np.asarray(data.train.labels) >= 0],
                          minlength=data.num_classes)
     shown = [f"{name} {int(n):,}" for name, n in zip(data.class_names, counts)]

@@ -52,6 +52,14 @@ def test_folders_round_trip_bit_for_bit_in_small_parts(tmp_path, cache_dir):
     assert run_a.content_digest == run_b.content_digest
     np.testing.assert_array_equal(run_a.validation.records, run_b.validation.records)
     np.testing.assert_array_equal(run_a.train.labels, run_b.train.labels)
+    # the start banner names where the packed data is, not the unused cache folder
+    from imgclf_jax import banner, config as config_lib
+
+    c = config_lib.base_config()
+    c.data = data_config("folders", tmp_path / "unpacked", tmp_path / "other-cache")
+    first = banner.start_banner(c, "run", run_b, 10, ["cpu:0"], "fresh run").splitlines()[0]
+    assert first.endswith(f"prepared in {tmp_path / 'unpacked' / run_b.fingerprint}"), first
+    assert os.path.isdir(tmp_path / "unpacked" / run_b.fingerprint)
 
 
 def test_many_parts_are_cut_at_the_size_and_each_is_checked(small_competition, tmp_path, cache_dir):

@@ -306,10 +306,13 @@ class RunCheckpoints:
 
     def _restore_items(self, step: int, abstract_state: Any, abstract_best: Any | None) -> tuple:
         items = {"state": ocp.args.StandardRestore(abstract_state), "loop": ocp.args.JsonRestore()}
-        if abstract_best is not None:
+        # save_latest writes best_params only once there is a best epoch: a run interrupted inside its first
+        # epoch has none yet, and resumes with none, as it started
+        has_best = os.path.isdir(os.path.join(self.step_dir(step), "best_params"))
+        if abstract_best is not None and has_best:
             items["best_params"] = ocp.args.StandardRestore(abstract_best)
         restored = self._latest.restore(step, args=ocp.args.Composite(**items))
-        best = restored["best_params"] if abstract_best is not None else None
+        best = restored["best_params"] if "best_params" in items else None
         return restored["state"], best, restored["loop"]
 
     def restore_latest(self, abstract_state: Any, abstract_best: Any | None) -> tuple[Any, Any, dict]:

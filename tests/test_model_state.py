@@ -216,3 +216,19 @@ def test_train_step_refuses_an_ema_setting_the_state_does_not_have_and_a_statefu
     with pytest.raises(ValueError, match=r"model 'tiny_bn' keeps \['batch_stats'\] but its ModelEntry does not set "
                                          "takes_mask"):
         steps.train_step(plain, batch, jax.random.key(1), model=model, tx=tx, l2=0.0)
+
+
+def test_a_checkpoint_from_inside_the_first_epoch_has_no_best_weights_and_restores_without_them(tmp_path):
+    """A run interrupted before its first epoch ended (no best epoch yet: save_latest writes no best_params)
+    resumes although the job keeps best weights (it asks for them); it had failed as 'corrupt'."""
+    from imgclf_jax import checkpoint as ckpt_lib
+
+    params = {"dense": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    state = steps.TrainState(step=jnp.int32(1), params=params, opt_state=optax.adam(1e-3).init(params))
+    with ckpt_lib.RunCheckpoints(str(tmp_path)) as checkpoints:
+        checkpoints.save_latest(1, state, None, {"epoch": 0})
+    abstract_best = jax.eval_shape(lambda: {"params": params})
+    with ckpt_lib.RunCheckpoints(str(tmp_path)) as checkpoints:
+        restored, best, loop = checkpoints.restore_latest(jax.eval_shape(lambda: state), abstract_best)
+    assert best is None and loop == {"epoch": 0} and int(restored.step) == 1
+    np.testing.assert_array_equal(restored.params["dense"]["kernel"], params["dense"]["kernel"])
